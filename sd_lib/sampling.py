@@ -1,0 +1,266 @@
+"""Batched sampling of k completions per prompt: the rollouts every condition trains on.
+
+    rollouts = generate(model, tokenizer, prompts, k=12, temperature=1.0, max_new_tokens=96, seed=0)
+
+Prompts are already chat-templated strings (or token-id lists); they are tokenized without
+adding special tokens, left-padded, and decoded with a KV cache. Within a batch the prefix all
+rows share (the system prompt; the whole prompt for the k copies of one prompt) is computed once. Samples of one prompt are
+contiguous: sample j of prompt i is row `i * k + j`. Completions stop at EOS or the chat's
+end-of-turn token (`<|im_end|>` and the like); the stop token is kept, nothing after it.
+
+Departures from the paper:
+1. The paper generates with vLLM (paged attention, prefix caching); this is a plain PyTorch
+   decoding loop over a Hugging Face model and `DynamicCache`: the same distribution, slower.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["Rollouts", "generate", "stop_token_ids"]
+
+# End-of-turn tokens of common chat templates; used when present in the vocabulary.
+_CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+@dataclass
+class Rollouts:
+    """k samples for each of N prompts, B = N * k rows, sample j of prompt i at row i * k + j.
+
+    prompt_ids: B token lists of the (unpadded) prompt.
+    completion_ids: B token lists, the stop token included when generated, nothing after it.
+    completion_ids_padded: (B, T) long, right-padded with the pad token, T = longest completion.
+    completion_mask: (B, T) float, 1.0 on real completion tokens (the stop token included).
+    texts: B decoded completions, special tokens skipped.
+    prompt_index: B ints, the prompt each row came from.
+    truncated: B bools, True when max_new_tokens was reached without a stop token.
+    stats: {"tokens", "seconds", "tokens_per_s", "k", "n_prompts"}.
+    """
+
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    completion_ids_padded: torch.Tensor
+    completion_mask: torch.Tensor
+    texts: list[str]
+    prompt_index: list[int]
+    truncated: list[bool]
+    stats: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        """Completion length in tokens, stop token included."""
+        return [len(c) for c in self.completion_ids]
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """EOS of the tokenizer and of the model's generation config, plus chat end-of-turn tokens."""
+    ids: list[int] = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in _CHAT_END_TOKENS if t in vocab and t in tokenizer.all_special_tokens]
+    return list(dict.fromkeys(ids))
+
+
+def _tokenize_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]]
+                      ) -> list[list[int]]:
+    if isinstance(prompts, (str, bytes)):
+        raise ValueError("prompts must be a list of strings or token-id lists, got one string")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            ids = tokenizer(p, add_special_tokens=False)["input_ids"]
+        elif isinstance(p, torch.Tensor):
+            ids = p.tolist()
+        else:
+            ids = list(p)
+        if not ids or not all(isinstance(t, int) for t in ids):
+            raise ValueError(f"prompt {i} is empty or not a list of token ids: {p!r:.80}")
+        out.append(ids)
+    return out
+
+
+def _common_prefix_len(seqs: list[list[int]]) -> int:
+    """Length of the longest prefix shared by all rows, leaving every row >= 1 own token."""
+    n = min(len(q) for q in seqs) - 1
+    first = seqs[0]
+    for q in seqs[1:]:
+        i = 0
+        while i < n and q[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
+
+
+def _next_tokens(logits: torch.Tensor, *, temperature: float, top_p: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """Sample one token per row from softmax(logits / temperature), nucleus `top_p`.
+
+    logits: (B, V). Returns (B,) long. Naive equivalent: `Categorical(logits=l / T).sample()`
+    after zeroing the tokens outside the smallest set whose probability reaches `top_p`.
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, sorted_i = probs.sort(dim=-1, descending=True)  # (B, V)
+        outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # mass before the token >= top_p
+        sorted_p = sorted_p.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, sorted_i, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def _sample_batch(model: Any, seqs: list[list[int]], *, temperature: float, top_p: float,
+                  max_new_tokens: int, stop_ids: set[int], pad_id: int,
+                  generator: torch.Generator | None, device: torch.device) -> list[list[int]]:
+    """One batch of rows: shared-prefix prefill, per-row suffix prefill, KV-cached decoding.
+
+    The prefix common to all rows (system prompt, or the whole prompt for k copies) is run
+    once and its cache repeated; the rest is left-padded *after* that prefix, with position ids
+    that skip the padding, so every row sees exactly its own prompt. Finished rows are dropped
+    from the cache as they accumulate.
+    """
+    from transformers import DynamicCache
+
+    B = len(seqs)
+    L = _common_prefix_len(seqs)
+    cache = DynamicCache(config=model.config)
+    if L > 0:
+        model(input_ids=torch.tensor([seqs[0][:L]], device=device), past_key_values=cache,
+              use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(B)
+    S = max(len(q) for q in seqs) - L
+    suffix = torch.full((B, S), pad_id, dtype=torch.long)  # (B, S)
+    mask = torch.ones((B, L + S), dtype=torch.long)  # (B, L + S)
+    pos = torch.zeros((B, S), dtype=torch.long)  # (B, S)
+    for j, q in enumerate(seqs):
+        n = len(q) - L
+        suffix[j, S - n:] = torch.tensor(q[L:])
+        mask[j, L:L + S - n] = 0
+        pos[j, S - n:] = torch.arange(L, len(q))
+    suffix, mask, pos = suffix.to(device), mask.to(device), pos.to(device)
+    logits = model(input_ids=suffix, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
+    next_pos = pos[:, -1] + 1  # (B,)
+    out: list[list[int]] = [[] for _ in seqs]
+    active = list(range(B))  # batch row -> original row
+    finished_in_batch = 0
+    for step in range(max_new_tokens):
+        tokens = _next_tokens(logits, temperature=temperature, top_p=top_p, generator=generator)
+        for j, t in enumerate(tokens.tolist()):
+            if active[j] < 0:
+                continue
+            out[active[j]].append(t)
+            if t in stop_ids:
+                active[j] = -1
+                finished_in_batch += 1
+        if all(a < 0 for a in active) or step == max_new_tokens - 1:
+            break
+        # Drop finished rows once they are a quarter of the batch: copying the cache costs a step.
+        if finished_in_batch * 4 >= len(active):
+            keep = [j for j, a in enumerate(active) if a >= 0]
+            idx = torch.tensor(keep, device=device)
+            cache.batch_select_indices(idx)
+            tokens, mask, next_pos = tokens[idx], mask[idx], next_pos[idx]
+            active = [active[j] for j in keep]
+            finished_in_batch = 0
+        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)  # (B', L + S + step + 1)
+        logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                       past_key_values=cache, use_cache=True).logits[:, -1]  # (B', V)
+        next_pos = next_pos + 1
+    return out
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence[int]], *,
+             k: int = 1, temperature: float = 1.0, top_p: float = 1.0, max_new_tokens: int = 256,
+             batch_size: int = 32, seed: int | None = None, progress: bool = True) -> Rollouts:
+    """Sample `k` completions for each prompt: y ~ pi(. | x) at `temperature`, nucleus `top_p`.
+
+    temperature == 0 is greedy. Rows are generated in batches of `batch_size` sorted by prompt
+    length (less padding, a longer shared prefix) and returned in the original order. With
+    `seed`, batch b draws from its own `torch.Generator` seeded by (seed, b): the result is
+    deterministic and the global RNG is untouched; without it the global RNG is used. The model
+    runs in eval mode under `torch.inference_mode`; its train/eval mode is restored afterwards.
+    Naive equivalent, per row: `model.generate(prompt, do_sample=True, temperature=temperature,
+    top_p=top_p, top_k=0, eos_token_id=stop_token_ids(tokenizer, model))` (tested for greedy).
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if temperature < 0 or not math.isfinite(temperature):
+        raise ValueError(f"temperature must be >= 0 and finite, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if max_new_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens}, "
+                         f"{batch_size}")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token")
+    stop_ids = stop_token_ids(tokenizer, model)
+    if not stop_ids:
+        raise ValueError("tokenizer defines no EOS or end-of-turn token to stop at")
+    prompt_ids = _tokenize_prompts(tokenizer, prompts)
+    rows = [i for i in range(len(prompt_ids)) for _ in range(k)]  # row r -> prompt rows[r]
+    order = sorted(range(len(rows)), key=lambda r: (len(prompt_ids[rows[r]]), r))
+    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    completions: list[list[int]] = [[] for _ in rows]
+    truncated = [False] * len(rows)
+    stop_set = set(stop_ids)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n_tokens, t0 = 0, time.perf_counter()
+    bar = tqdm(total=len(batches), desc="generate", unit="batch", disable=not progress)
+    try:
+        for b, batch in enumerate(batches):
+            generator = None
+            if seed is not None and temperature > 0:
+                generator = torch.Generator(device=device)
+                generator.manual_seed((seed * 1_000_003 + b) % (2**63))
+            new = _sample_batch(model, [prompt_ids[rows[r]] for r in batch],
+                                temperature=temperature, top_p=top_p,
+                                max_new_tokens=max_new_tokens, stop_ids=stop_set, pad_id=pad_id,
+                                generator=generator, device=device)
+            for r, toks in zip(batch, new):
+                completions[r] = toks
+                truncated[r] = len(toks) >= max_new_tokens and toks[-1] not in stop_set
+                n_tokens += len(toks)
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(tok_s=f"{n_tokens / max(elapsed, 1e-9):.1f}")
+            bar.update(1)
+    finally:
+        bar.close()
+        model.train(was_training)
+    seconds = time.perf_counter() - t0
+
+    T = max((len(c) for c in completions), default=0)
+    padded = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), T), dtype=torch.float32)  # (B, T)
+    for r, c in enumerate(completions):
+        if c:
+            padded[r, :len(c)] = torch.tensor(c)
+            mask[r, :len(c)] = 1.0
+    return Rollouts(
+        prompt_ids=[list(prompt_ids[i]) for i in rows],
+        completion_ids=completions,
+        completion_ids_padded=padded,
+        completion_mask=mask,
+        texts=tokenizer.batch_decode(completions, skip_special_tokens=True,
+                                    clean_up_tokenization_spaces=False),
+        prompt_index=rows,
+        truncated=truncated,
+        stats={"tokens": n_tokens, "seconds": seconds,
+               "tokens_per_s": n_tokens / max(seconds, 1e-9), "k": k, "n_prompts": len(prompt_ids)},
+    )
