@@ -9,10 +9,12 @@ Qwen3 scale (V = 151,936, H = 2,048), fp32, for B*T in {1024, 4096} completion t
 
 The output layer is frozen by default (the paper trains LoRA adapters, lm_head not among
 them); `--weight-grad` also differentiates W (full fine-tuning; adds a (V, H) gradient to
-both). Each (variant, B*T) runs in a fresh subprocess: peak memory is the high-water RSS
+both). Every pass runs in a fresh subprocess: peak memory is the high-water RSS
 (getrusage ru_maxrss) minus the RSS once the inputs exist, which sees every CPU tensor; on
-CUDA it is torch.cuda.max_memory_allocated above the inputs. Time is the median of
-`--repeats` forward+backward passes.
+CUDA it is torch.cuda.max_memory_allocated above the inputs. Time is the median wall time of
+forward+backward passes, one per process, variants alternating; the CPU-time ratio (process
+user+sys time) is the steadier number when other jobs share the cores. Ratios are chunked/naive.
+The naive pass is skipped (and says so) when MemAvailable cannot hold its ~7 (N, V) buffers.
 
     .venv/bin/python bench/bench_loss.py                  # the README table (5-10 min on 2 cores)
     .venv/bin/python bench/bench_loss.py --tokens 1024 --repeats 1   # quick look
@@ -76,15 +78,16 @@ def worker(args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     else:
         baseline = _rss_bytes()
-    times, loss_value = [], None
+    times, cpu_times, loss_value = [], [], None
     for _ in range(args.repeats):
         h_s.grad, weight.grad = None, None
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         loss = run()
         loss.backward()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
         loss_value = loss.item()
         del loss
     if device == "cuda":
@@ -93,7 +96,8 @@ def worker(args: argparse.Namespace) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     grad_norm = h_s.grad.norm().item()
     return {"variant": args.variant, "n": n_tokens, "device": device, "threads": torch.get_num_threads(),
-            "time_s": statistics.median(times), "times": times, "peak_extra": peak,
+            "time_s": statistics.median(times), "times": times, "cpu_s": statistics.median(cpu_times),
+            "peak_extra": peak,
             "loss": loss_value, "grad_norm": grad_norm}
 
 
@@ -129,8 +133,8 @@ def main(argv=None) -> None:
     for n_tokens in args.tokens:
         # passes shrink with size (one at 4x) so each size costs about the same wall time
         repeats = max(1, args.repeats * smallest // n_tokens)
-        # measured naive peak is ~7 (N, V) fp32 buffers; skip rather than invite the OOM killer
-        need = 8 * n_tokens * args.vocab * 4 + 2 * args.vocab * args.hidden * 4
+        # measured naive peak is ~7 (N, V) fp32 buffers above the inputs; skip rather than invite the OOM killer
+        need = 7.5 * n_tokens * args.vocab * 4 + args.vocab * args.hidden * 4 + 0.5 * GiB
         runs = {"chunked": [], "naive": []}
         for rep in range(repeats):
             # one pass per fresh process, variants alternating, so CPU contention drifts hit both
@@ -146,6 +150,7 @@ def main(argv=None) -> None:
             errors = [r["error"] for r in results if "error" in r]
             pair[variant] = {"error": errors[0]} if errors else dict(
                 results[0], time_s=statistics.median(r["time_s"] for r in results),
+                cpu_s=statistics.median(r["cpu_s"] for r in results),
                 peak_extra=max(r["peak_extra"] for r in results))
         rows.append((n_tokens, repeats, pair))
 
@@ -153,16 +158,17 @@ def main(argv=None) -> None:
     print(f"\nforward KL, V={args.vocab:,}, H={args.hidden}, fp32, {head}, chunk_size={args.chunk_size}, "
           f"device={rows[0][2]['chunked'].get('device', '?')}, threads={rows[0][2]['chunked'].get('threads', '?')}, "
           f"total {time.time() - start:.0f} s\n")
-    print("| B*T | repeats | naive time (s) | chunked time (s) | time ratio (chunked/naive) | "
-          "naive peak extra (GiB) | chunked peak extra (GiB) | memory ratio (chunked/naive) | |loss diff| |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| B*T | passes | naive time (s) | chunked time (s) | time ratio | CPU-time ratio | "
+          "naive peak extra (GiB) | chunked peak extra (GiB) | memory ratio | loss diff |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n_tokens, repeats, pair in rows:
         naive, chunked = pair["naive"], pair["chunked"]
         if "error" in naive or "error" in chunked:
-            print(f"| {n_tokens} | {repeats} | {naive.get('error', '')} | {chunked.get('error', '')} | | | | | |")
+            print(f"| {n_tokens} | {repeats} | {naive.get('error', '')} | {chunked.get('error', '')} | | | | | | |")
             continue
         print(f"| {n_tokens} | {repeats} | {naive['time_s']:.2f} | {chunked['time_s']:.2f} | "
-              f"{chunked['time_s'] / naive['time_s']:.2f} | {naive['peak_extra'] / GiB:.2f} | "
+              f"{chunked['time_s'] / naive['time_s']:.2f} | {chunked['cpu_s'] / naive['cpu_s']:.2f} | "
+              f"{naive['peak_extra'] / GiB:.2f} | "
               f"{chunked['peak_extra'] / GiB:.3f} | {chunked['peak_extra'] / naive['peak_extra']:.3f} | "
               f"{abs(naive['loss'] - chunked['loss']):.1e} |")
 

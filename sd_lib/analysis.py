@@ -56,6 +56,8 @@ __all__ = [
     "rollout_stats",
     "localisation_table",
     "describe_localisation",
+    "example_rollout",
+    "advantage_summary",
     "step_char_spans",
     "token_char_spans",
     "label_tokens",
@@ -175,15 +177,22 @@ def _require_columns(df: pd.DataFrame, cols) -> None:
         raise ValueError(f"token table lacks column(s) {missing}; has {list(df.columns)}")
 
 
-def _context_summary(stats: pd.DataFrame) -> dict[str, float]:
-    """Token-weighted part means, rollout-mean AUROC and |A_t| share of a set of rollouts."""
+def _context_summary(stats: pd.DataFrame, idx: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Token-weighted part means, rollout-mean AUROC and |A_t| share of a set of rollouts.
+
+    idx: (n_boot, R) bootstrap draws of rollout rows; None summarises all rows once. Returns
+    arrays of shape (n_boot,) (or () without idx); NaN where no rollout has the quantity.
+    """
+    idx = np.arange(len(stats))[None] if idx is None else idx  # (n_boot, R)
     out = {}
-    for p in PARTS:
-        n = stats[f"n_{p}"].sum()
-        out[f"mean_{p}"] = float(stats[f"sum_{p}"].sum() / n) if n else math.nan
-    for name in ("auroc", "error_abs_share"):
-        vals = stats[name].dropna()
-        out[name] = float(vals.mean()) if len(vals) else math.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for p in PARTS:
+            n = stats[f"n_{p}"].to_numpy(dtype=np.float64)[idx].sum(axis=1)  # (n_boot,)
+            out[f"mean_{p}"] = np.where(n > 0, stats[f"sum_{p}"].to_numpy(dtype=np.float64)[idx].sum(axis=1) / n, np.nan)
+        for name in ("auroc", "error_abs_share"):
+            v = stats[name].to_numpy(dtype=np.float64)[idx]  # (n_boot, R)
+            ok = ~np.isnan(v)
+            out[name] = np.where(ok.any(axis=1), np.where(ok, v, 0.0).sum(axis=1) / ok.sum(axis=1), np.nan)
     return out
 
 
@@ -205,15 +214,15 @@ def localisation_table(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
         if s.empty:
             continue
         tok = df[df["context"] == context]
+        point = {k: float(v[0]) for k, v in _context_summary(s).items()}
         row = {"context": context, "label": CONTEXT_LABELS.get(context, context),
-               "n_rollouts": int(len(s)), "n_tokens": int(len(tok)), **_context_summary(s)}
+               "n_rollouts": int(len(s)), "n_tokens": int(len(tok)), **point}
         row["auroc_pooled"] = auroc(-tok.loc[tok["part"] == "first_error", "advantage"],
                                     -tok.loc[tok["part"] == "correct_prefix", "advantage"])
-        boots = [_context_summary(s.iloc[rng.integers(0, len(s), len(s))]) for _ in range(n_boot)]
-        for key in boots[0] if boots else ():
-            vals = np.array([b[key] for b in boots], dtype=np.float64)
+        boots = _context_summary(s, rng.integers(0, len(s), size=(n_boot, len(s))))
+        for key, vals in boots.items():
             vals = vals[~np.isnan(vals)]
-            lo, hi = (np.percentile(vals, [2.5, 97.5]) if vals.size else (math.nan, math.nan))
+            lo, hi = np.percentile(vals, [2.5, 97.5]) if vals.size else (math.nan, math.nan)
             row[f"{key}_ci_low"], row[f"{key}_ci_high"] = float(lo), float(hi)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -259,7 +268,8 @@ def describe_localisation(table: pd.DataFrame) -> str:
         if lo is not None and np.isfinite(lo) and np.isfinite(hi):
             clear = lo > threshold if op in (">", ">=") else hi < threshold
             against = hi < threshold if op in (">", ">=") else lo > threshold
-            sure = " (the CI excludes it)" if clear or against else f" (but the CI [{lo:.3g}, {hi:.3g}] includes {threshold:g})"
+            sure = (f" (the 95% CI [{lo:.3g}, {hi:.3g}] excludes {threshold:g})" if clear or against
+                    else f" (but the 95% CI [{lo:.3g}, {hi:.3g}] includes {threshold:g})")
         else:
             sure = ""
         return f"{claim}: {'holds' if holds else 'does not hold'}, {key} = {v:+.3f}{sure}."
@@ -288,6 +298,33 @@ def describe_localisation(table: pd.DataFrame) -> str:
         held = sum(" holds" in c for c in checks)
         lines.append(f"{held} of {len(checks)} expectations hold on this data.")
     return "\n".join(lines)
+
+
+def advantage_summary(tokens: pd.DataFrame, table: pd.DataFrame, **meta) -> dict:
+    """JSON-ready record of an analysis: `meta` (profile, seed, counts ...), the generated
+    `summary` sentence, per-context `contexts` (`localisation_table` rows) and per-rollout
+    `rollouts` (`rollout_stats` rows); NaN becomes null."""
+    import json
+
+    records = lambda df: json.loads(df.to_json(orient="records"))  # noqa: E731 -- NaN -> null
+    return {**meta, "summary": describe_localisation(table), "contexts": records(table),
+            "rollouts": records(rollout_stats(tokens))}
+
+
+def example_rollout(df: pd.DataFrame) -> int:
+    """A representative rollout for the per-token plot, chosen by a fixed rule (not by its A_t):
+    among rollouts with tokens in the correct prefix, the first error and after it (else any
+    with a prefix, else all), the one of median length; ties to the lowest index."""
+    _require_columns(df, ("rollout", "part", "token_index"))
+    one = df.drop_duplicates(["rollout", "token_index"])
+    parts = one.groupby("rollout")["part"].agg(set)
+    length = one.groupby("rollout").size()
+    for need in ({"correct_prefix", "first_error", "after_error"}, {"correct_prefix", "first_error"}, set()):
+        ids = [r for r, p in parts.items() if need <= p]
+        if ids:
+            break
+    order = sorted(ids, key=lambda r: (length[r], r))
+    return int(order[(len(order) - 1) // 2])
 
 
 # ----------------------------------------------------------------------------- token labels

@@ -97,8 +97,16 @@ def _teacher_chat(problem, condition, context: str) -> list[dict]:
     return msgs
 
 
-def teacher_messages(condition: str, problem, *, critique=None, reference_style: str = "independent") -> list[dict] | None:
-    """The teacher's chat for one rollout: None for ``grpo`` and for an unusable critique."""
+def teacher_messages(condition: str, problem, *, critique=None, reference_style: str = "independent",
+                     style: str | None = None) -> list[dict] | None:
+    """The teacher's chat for one rollout: None for ``grpo`` and for an unusable critique.
+
+    style: when given, the critique's style must be this one (critiques are rendered in their
+    style by the critic, which needs the attempt text; build the critic with ``style=``).
+    """
+    if style is not None and critique is not None and condition == "stepalign" and critique.style != style:
+        raise ValueError(f"critique of problem {problem.id!r} has style {critique.style!r} but {style!r} was "
+                         f"asked; build the critic with style={style!r}")
     context = _context_block(condition, problem, critique, reference_style)
     return None if context is None else _teacher_chat(problem, condition, context)
 

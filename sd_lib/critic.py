@@ -96,8 +96,8 @@ __all__ = [
     "HFCritic",
     "OpenAICritic",
     "CritiqueCache",
-    "CachedCritic",
     "make_critic",
+    "crafted_attempts",
 ]
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,8 @@ MAX_CORRECTED_STEPS = 200
 """A corrected trace with more steps is unusable (``too_many_steps``)."""
 MAX_ATTEMPT_CHARS_IN_PROMPT = 20_000
 """The attempt shown to a model critic is cut to this many characters (marked as cut)."""
+MAX_ATTEMPT_STEPS = 2 * MAX_CORRECTED_STEPS
+"""The programmatic critic reads at most this many solver steps; a longer attempt counts as cut off."""
 PROGRAMMATIC_VERSION = 1
 """Bump when the programmatic critic's output changes, so that caches are not reused."""
 
@@ -288,16 +290,10 @@ def parse_critic_output(text, attempt_text: str | None = None, *, style: str = "
     if len(parsed.steps) > MAX_CORRECTED_STEPS:
         return _unusable(raw, style, "too_many_steps", case)
 
-    first_error = None
-    m = None
-    for m in _FIRST_ERROR_RE.finditer(header):
-        pass
-    if m is not None and m.group(1) and case in ("B", "D"):
-        first_error = int(m.group(1)) or None
+    errors = _FIRST_ERROR_RE.findall(header)
+    first_error = int(errors[-1][0]) or None if errors and errors[-1][0] and case in ("B", "D") else None
     base = Critique(render_steps(parsed.steps, parsed.answer), case, first_error, raw, True, "aligned")
-    if style == "aligned":
-        return base
-    return apply_style(base, attempt_text, style, _answer_error=bool(m is not None and m.group(2)))
+    return base if style == "aligned" else apply_style(base, attempt_text, style)
 
 
 def format_critic_output(case: str, first_error: int | str | None, steps: Sequence[str], answer: str) -> str:
@@ -312,11 +308,13 @@ def _norm(s: str) -> str:
     return " ".join(s.split())
 
 
-def apply_style(critique: Critique, attempt_text: str | None, style: str, *, _answer_error: bool | None = None) -> Critique:
+def apply_style(critique: Critique, attempt_text: str | None, style: str) -> Critique:
     """Render an ``aligned`` critique in `style` (see the module docstring for the exact texts).
 
     `attempt_text` is the solver's attempt the critique is about (needed for `quote_error` and
-    `no_trace`: the copied prefix and the quoted step come from it).
+    `no_trace`: the copied prefix and the quoted step come from it). The quoted item of a B/D
+    critique: its first-error step if given, else the first step the critic did not copy, else
+    (all steps copied) the attempt's final answer when it is wrong.
     """
     if style not in STYLES:
         raise ValueError(f"unknown critique style {style!r}; choose from {STYLES}")
@@ -341,19 +339,18 @@ def apply_style(critique: Critique, attempt_text: str | None, style: str, *, _an
             head = "The attempt is correct. Final answer:" if critique.case == "A" else "Corrected final answer:"
         return replace(critique, corrected="\n".join([head, *rest]), style=style)
     # quote_error
+    if critique.case not in ("B", "D"):
+        return replace(critique, style=style)  # A and C: nothing to quote
     e = critique.first_error_step
-    if critique.case == "D" and e is None and _answer_error is not False and attempt.answer is not None \
-            and not check_answer(attempt.answer, answer):
-        quote = ["The attempt's answer is wrong:", f"<answer>{attempt.answer}</answer>"]
-    elif critique.case in ("B", "D"):
-        if e is None or not (1 <= e <= len(attempt.steps)):
-            e = p + 1 if p < len(attempt.steps) else None
-        if e is None:
-            return replace(critique, style=style)
+    if e is None or not 1 <= e <= len(attempt.steps):
+        e = p + 1 if p < len(attempt.steps) else None
+    if e is not None:
         what = "skips a step" if critique.case == "B" else "is wrong"
         quote = [f"The attempt's step {e} {what}:", tag(e, attempt.steps[e - 1])]
+    elif attempt.answer is not None and not check_answer(attempt.answer, answer):
+        quote = ["The attempt's answer is wrong:", f"<answer>{attempt.answer}</answer>"]
     else:
-        return replace(critique, style=style)  # A and C: nothing to quote
+        return replace(critique, style=style)
     prefix = [tag(i, s) for i, s in enumerate(steps[:p], start=1)]
     return replace(critique, corrected="\n".join([*prefix, *quote, "Corrected:", *rest]), style=style)
 
@@ -374,9 +371,11 @@ class Critic:
         raise NotImplementedError
 
     @staticmethod
-    def _check_batch(problems, attempts):
+    def _check_batch(problems, attempts) -> list[str]:
+        """Equal lengths, and attempts as text (a non-text attempt is treated as empty)."""
         if len(problems) != len(attempts):
             raise ValueError(f"critique_batch got {len(problems)} problems but {len(attempts)} attempts")
+        return [a if isinstance(a, str) else "" for a in attempts]
 
     def _check_style(self, style):
         if style not in STYLES:
@@ -409,7 +408,8 @@ class ProgrammaticCritic(Critic):
     - ``redundant``: a true step redoing an operation already done;
     - ``wrong``: anything else (false, wrong operand, unparseable). Walking stops at the first.
     Case: D if a step is wrong or the closed final answer is wrong (a wrong, unclosed last step of
-    a cut-off attempt counts as cut, not wrong); else C if there is no closed answer; else B if a
+    a cut-off attempt counts as cut, not wrong); else C if there is no closed answer (or more than
+    `MAX_ATTEMPT_STEPS` steps, of which only the first are read); else B if a
     step was unjustified or operations are missing; else A. Corrected trace: A the attempt; B the
     solver's steps with merged/skipped steps expanded and missing ones added, its answer; C the
     same with redundant steps dropped (condensed), finished to the answer; D the solver's steps
@@ -424,7 +424,7 @@ class ProgrammaticCritic(Critic):
         return f"ProgrammaticCritic(style={self.style!r})"
 
     def critique_batch(self, problems, attempts) -> list[Critique]:
-        self._check_batch(problems, attempts)
+        attempts = self._check_batch(problems, attempts)
         return [parse_critic_output(self.raw_critique(p, a), a, style=self.style) for p, a in zip(problems, attempts)]
 
     @staticmethod
@@ -461,6 +461,8 @@ class ProgrammaticCritic(Critic):
         att = parse_attempt(text)
         steps = list(att.steps)
         closed = att.answer is not None and not att.truncated
+        if len(steps) > MAX_ATTEMPT_STEPS:  # a runaway attempt: read as cut off, condensed in case C
+            steps, closed = steps[:MAX_ATTEMPT_STEPS], False
         walk, j = [], 0
         for body in steps:
             kind, s, e = self._classify(body, j, terms, ops, accs)
@@ -469,7 +471,8 @@ class ProgrammaticCritic(Critic):
                 break
             if kind in ("ok", "unjustified"):
                 j = e
-        if walk and walk[-1][0] == "wrong" and len(walk) == len(steps) and not closed and self._last_unclosed(text, att):
+        if walk and walk[-1][0] == "wrong" and len(walk) == len(att.steps) and not closed \
+                and self._last_unclosed(text, att):
             walk.pop()  # the cut-off last step of a truncated attempt
             steps.pop()
             j = max([w[2] for w in walk if w[0] in ("ok", "unjustified")], default=0)
@@ -560,7 +563,7 @@ class HFCritic(Critic):
     def critique_batch(self, problems, attempts) -> list[Critique]:
         from .contexts import apply_chat
 
-        self._check_batch(problems, attempts)
+        attempts = self._check_batch(problems, attempts)
         prompts = [apply_chat(self.tokenizer, build_critic_messages(p, a), template_kwargs=self.template_kwargs)
                    for p, a in zip(problems, attempts)]
         texts = self.generate(prompts) if prompts else []
@@ -671,18 +674,17 @@ class OpenAICritic(Critic):
             f"last error: {last}. Is the server up and serving this model?")
 
     def critique_batch(self, problems, attempts) -> list[Critique]:
-        self._check_batch(problems, attempts)
+        attempts = self._check_batch(problems, attempts)
         if not problems:
             return []
         messages = [build_critic_messages(p, a) for p, a in zip(problems, attempts)]
-        with ThreadPoolExecutor(max_workers=min(self.concurrency, len(messages))) as pool:
-            futures = [pool.submit(self.complete, m) for m in messages]
-            try:
-                texts = [f.result() for f in futures]
-            except BaseException:
-                for f in futures:
-                    f.cancel()
-                raise
+        pool = ThreadPoolExecutor(max_workers=min(self.concurrency, len(messages)), thread_name_prefix="critic")
+        try:
+            texts = list(pool.map(self.complete, messages))
+        except BaseException:
+            pool.shutdown(wait=False, cancel_futures=True)  # fail now; requests in flight finish alone
+            raise
+        pool.shutdown()
         return [parse_critic_output(t, a, style=self.style) for t, a in zip(texts, attempts)]
 
 
@@ -693,17 +695,24 @@ class _MalformedResponse(Exception):
 # ----------------------------------------------------------------------------- cache
 
 
-class CritiqueCache:
-    """On-disk JSONL cache of critiques keyed by (problem id, attempt hash, critic identity, style).
+class CritiqueCache(Critic):
+    """`critic` with an on-disk JSONL cache in front: ``CritiqueCache(critic, path)``.
 
-    Each record is one line written with a single `os.write` on an ``O_APPEND`` descriptor under
-    an exclusive `flock`, so concurrent writers (threads or processes) never interleave lines. A
-    torn last line (a crash mid-write) is skipped on load and terminated before the next append,
-    so a cache is safe to reuse across reruns. Later records win over earlier ones.
+    Keyed by (problem id, attempt text hash, critic identity, style); only misses reach the
+    critic (one batch, duplicates asked once); `hits`/`misses` count lookups. Failures
+    (`CriticUnavailableError`) are raised and never cached. Each record is one line written
+    with a single `os.write` on an ``O_APPEND`` descriptor under an exclusive `flock`, so
+    concurrent writers (threads or processes) never interleave lines; a torn last line (a crash
+    mid-write) is skipped on load and terminated before the next append, so the file is safe to
+    reuse across reruns. Later records win over earlier ones.
     """
 
-    def __init__(self, path):
-        self.path = Path(path)
+    def __init__(self, critic: Critic, path):
+        if not hasattr(critic, "critique_batch"):
+            raise TypeError(f"CritiqueCache(critic, path): {critic!r} is not a critic")
+        self.critic, self.path = critic, Path(path)
+        self.style, self.identity = critic.style, critic.identity
+        self.hits = self.misses = 0
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._data: dict[str, dict] = {}
@@ -716,13 +725,16 @@ class CritiqueCache:
                     except (ValueError, KeyError, TypeError):
                         continue  # a torn or foreign line
 
+    def __repr__(self):
+        return f"CritiqueCache({self.critic!r}, {str(self.path)!r})"
+
+    def __len__(self) -> int:
+        return len(self._data)
+
     @staticmethod
     def key(problem_id: str, attempt_text: str, critic_identity: str, style: str) -> str:
         attempt_hash = hashlib.sha256(str(attempt_text).encode("utf-8", "surrogatepass")).hexdigest()
         return hashlib.sha256(json.dumps([str(problem_id), attempt_hash, critic_identity, style]).encode()).hexdigest()
-
-    def __len__(self) -> int:
-        return len(self._data)
 
     def get(self, key: str) -> Critique | None:
         d = self._data.get(key)
@@ -734,42 +746,24 @@ class CritiqueCache:
         d = critique.to_dict()
         line = (json.dumps({"key": key, "critique": d}, ensure_ascii=True) + "\n").encode()
         with self._lock:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
                 size = os.fstat(fd).st_size
-                if size:
-                    with open(self.path, "rb") as f:
-                        f.seek(size - 1)
-                        if f.read(1) != b"\n":
-                            line = b"\n" + line
+                if size and os.pread(fd, 1, size - 1) != b"\n":  # a torn last line: end it first
+                    line = b"\n" + line
                 os.write(fd, line)
             finally:
                 os.close(fd)  # closing releases the flock
             self._data[key] = d
 
-    def wrap(self, critic: Critic) -> "CachedCritic":
-        return CachedCritic(critic, self)
-
-
-class CachedCritic(Critic):
-    """`critic` with a `CritiqueCache` in front: only misses reach the critic (as one batch)."""
-
-    def __init__(self, critic: Critic, cache: CritiqueCache):
-        self.critic, self.cache = critic, cache
-        self.style, self.identity = critic.style, critic.identity
-        self.hits = self.misses = 0
-
-    def __repr__(self):
-        return f"CachedCritic({self.critic!r}, {str(self.cache.path)!r})"
-
     def critique_batch(self, problems, attempts) -> list[Critique]:
-        self._check_batch(problems, attempts)
-        keys = [CritiqueCache.key(getattr(p, "id", ""), a, self.identity, self.style) for p, a in zip(problems, attempts)]
+        attempts = self._check_batch(problems, attempts)
+        keys = [self.key(getattr(p, "id", ""), a, self.identity, self.style) for p, a in zip(problems, attempts)]
         out: dict[str, Critique] = {}
         todo: dict[str, int] = {}
         for i, k in enumerate(keys):
-            hit = self.cache.get(k)
+            hit = self.get(k)
             if hit is not None:
                 out[k] = hit
             else:
@@ -780,7 +774,7 @@ class CachedCritic(Critic):
             idx = list(todo.values())
             fresh = self.critic.critique_batch([problems[i] for i in idx], [attempts[i] for i in idx])
             for i, c in zip(idx, fresh):
-                self.cache.put(keys[i], c)
+                self.put(keys[i], c)
                 out[keys[i]] = c
         return [out[k] for k in keys]
 
@@ -795,7 +789,7 @@ def make_critic(spec: Any = None, cfg: Any = None, *, style: str | None = None, 
         ``http(s)://`` base URL of an OpenAI-compatible endpoint (model: `cfg.critic_model`).
     cfg: an `SDConfig` for the critic settings (`critique_style`, `critic_model`, `critic_*`);
         None uses `SDConfig`'s defaults.
-    style: overrides `cfg.critique_style`. cache: a path or `CritiqueCache` to wrap the critic with.
+    style: overrides `cfg.critique_style`. cache: a JSONL path: the critic is wrapped in `CritiqueCache`.
     kwargs: passed to the backend's constructor (e.g. `retry_backoff_s`, `model`/`tokenizer`).
     """
     if spec is not None and not isinstance(spec, str) and hasattr(spec, "critic"):
@@ -820,6 +814,28 @@ def make_critic(spec: Any = None, cfg: Any = None, *, style: str | None = None, 
         critic = OpenAICritic(spec, kwargs.pop("model", cfg.critic_model), **{**params, **kwargs})
     else:
         raise ValueError(f"unknown critic {spec!r}: use 'programmatic', 'hf:<model>' or an http(s):// URL")
-    if cache is not None:
-        critic = (cache if isinstance(cache, CritiqueCache) else CritiqueCache(cache)).wrap(critic)
-    return critic
+    return critic if cache is None else CritiqueCache(critic, cache)
+
+
+def crafted_attempts(problem) -> dict[str, str]:
+    """Hand-made attempts of an arithmetic problem, one per case (for demos and tests).
+
+    A: the exact step trace. B: the first two operations merged into one step (a chain of one
+    operation: the answer alone, no steps). C: the first half of the steps, cut off before the
+    answer. D: the middle step's result off by one, the rest continued from the wrong value.
+    """
+    terms, ops, accs, chain = _canonical_chain(problem)
+    merged = [f"{terms[0]} {ops[0]} {terms[1]} {ops[1]} {terms[2]} = {accs[2]}"] + chain[2:] if len(ops) > 1 else []
+    e = len(ops) // 2 if len(ops) > 1 else 0
+    wrong, acc = chain[:e], accs[e + 1] + 1
+    wrong.append(f"{accs[e]} {ops[e]} {terms[e + 1]} = {acc}")
+    for op, t in zip(ops[e + 1 :], terms[e + 2 :]):
+        new = acc + t if op == "+" else acc - t if op == "-" else acc * t
+        wrong.append(f"{acc} {op} {t} = {new}")
+        acc = new
+    return {
+        "A": render_steps(chain, problem.answer),
+        "B": render_steps(merged, problem.answer),
+        "C": render_steps(chain[: max(1, len(chain) // 2)], None),
+        "D": render_steps(wrong, str(acc)),
+    }

@@ -36,7 +36,9 @@ def grpo_loss(
     `loss_type` in {grpo, dapo, dr_grpo}, delta=None, no entropy mask, no vLLM IS correction,
     one process and no gradient accumulation (TRL's normalisers divide by the accumulation
     steps; here the caller scales the loss). `num_items_in_batch` is TRL's global token count
-    for "dapo" when the batch is split over steps.
+    for "dapo" when the batch is split over steps. As in TRL, where both are trainer-wide
+    settings, `max_completion_length` is read only by "dr_grpo" and `num_items_in_batch` only
+    by "dapo"; other loss types ignore them.
 
     Args:
         per_token_logps: (B, T) current policy, with gradient.
@@ -53,12 +55,8 @@ def grpo_loss(
         raise ValueError(f"unknown loss_type={loss_type!r}; expected one of {_LOSS_TYPES}")
     if kl_beta != 0.0 and ref_per_token_logps is None:
         raise ValueError(f"kl_beta={kl_beta} needs ref_per_token_logps")
-    if max_completion_length is not None and loss_type != "dr_grpo":
-        raise ValueError(f"max_completion_length is only used by loss_type='dr_grpo', "
-                         f"not loss_type={loss_type!r}")
-    if num_items_in_batch is not None and loss_type != "dapo":
-        raise ValueError(f"num_items_in_batch is only used by loss_type='dapo', "
-                         f"not loss_type={loss_type!r}")
+    if max_completion_length is not None and max_completion_length < 1:
+        raise ValueError(f"max_completion_length must be >= 1, got max_completion_length={max_completion_length}")
     if per_token_logps.shape != old_per_token_logps.shape or per_token_logps.shape != completion_mask.shape:
         raise ValueError("per_token_logps, old_per_token_logps and completion_mask must all be (B, T)")
     mask = completion_mask.to(per_token_logps.dtype)

@@ -327,18 +327,24 @@ class _ChunkedSDFunction(torch.autograd.Function):
         grad_hidden = torch.zeros_like(student_hidden) if want_h else None
         grad_weight = torch.zeros_like(weight) if want_w else None
         inv_temp = 1.0 / temperature
+        # one GEMM for both sides when they share the head: W is streamed from memory once per chunk
+        shared_head = teacher_weight is weight or (
+            teacher_weight.data_ptr() == weight.data_ptr() and teacher_weight.shape == weight.shape
+            and teacher_weight.stride() == weight.stride() and teacher_hidden.dtype == student_hidden.dtype)
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, min(start + chunk_size, n_rows))
             h_s = student_hidden[rows]  # (C, H)
-            z_s = (h_s @ weight.T).to(compute_dtype)  # (C, V)
-            z_t = (teacher_hidden[rows] @ teacher_weight.T).to(compute_dtype)  # (C, V)
+            if shared_head:
+                logits = (torch.cat([h_s, teacher_hidden[rows]]) @ weight.T).to(compute_dtype)  # (2C, V)
+            else:
+                logits = h_s.new_empty((2 * h_s.size(0), weight.size(0)), dtype=compute_dtype)  # (2C, V)
+                logits[:h_s.size(0)] = h_s @ weight.T
+                logits[h_s.size(0):] = teacher_hidden[rows] @ teacher_weight.T
             if temperature != 1.0:
-                z_s.mul_(inv_temp)
-                z_t.mul_(inv_temp)
-            z_s.sub_(z_s.logsumexp(-1, keepdim=True))  # now log p_s
-            z_t.sub_(z_t.logsumexp(-1, keepdim=True))  # now log p_t
-            value, grad_z = _chunk_divergence_and_grad(z_s, z_t, beta)  # (C,), (C, V)
-            del z_s, z_t
+                logits.mul_(inv_temp)
+            logits.sub_(logits.logsumexp(-1, keepdim=True))  # log p_s rows, then log p_t rows
+            value, grad_z = _chunk_divergence_and_grad(logits[:h_s.size(0)], logits[h_s.size(0):], beta)
+            del logits  # grad_z (C, V) may still view its first half
             scale = token_weight[rows].to(compute_dtype) * inv_temp  # d z / d(h W^T) = 1/temp
             if clip is not None:
                 scale = scale * (value <= clip)  # clamp(max=clip): no gradient above the clip
@@ -388,7 +394,8 @@ def chunked_sd_loss(
     with b = 0 for "forward_kl", 1 for "reverse_kl", `beta` for "jsd".
 
     Only real completion tokens (completion_mask != 0) are projected, `chunk_size` rows at a
-    time: per chunk the (C, V) student/teacher logits are built, the divergence and its
+    time: per chunk the (C, V) student and teacher logits are built (one (2C, H) x (H, V) GEMM
+    when both use the same head), the divergence and its
     gradient w.r.t. the student logits are computed in closed form, and that gradient is
     pushed at once into grad(student_hidden) (N, H) and grad(weight) (V, H, only if `weight`
     requires grad). Backward just scales these by the incoming gradient. Peak extra memory is a

@@ -10,8 +10,8 @@ Three kinds of `name` are accepted by `load_model_and_tokenizer`:
    imported (its import pulls in `llm` and `llama-cpp-python`, which are not installed).
    A path to any other ``.gguf`` file is converted the same way.
 2. A local folder holding a `save_pretrained` model and tokenizer.
-3. A Hub id such as ``"Qwen/Qwen3-1.7B"``, read from the Hugging Face cache (``HF_HOME``) or
-   downloaded. Offline without a local copy this raises `ModelNotAvailableError` saying what to do.
+3. A Hub id such as ``"Qwen/Qwen3-1.7B"``, read from the local Hugging Face cache (``HF_HOME``)
+   without any network request when it is there, else downloaded. Offline without a local copy this raises `ModelNotAvailableError` saying what to do.
 
 The cache root is the `cache_dir` argument, else ``$SD_LIB_CACHE``, else ``~/.cache/sd_lib``.
 
@@ -27,9 +27,11 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import uuid
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 
@@ -153,10 +155,22 @@ def resolve_model_path(name: str, *, cache_dir: str | os.PathLike | None = None)
     return name  # a Hub id
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint accepts a TCP connection (assumed yes behind a proxy)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def _not_available(name: str, err: Exception) -> ModelNotAvailableError:
     return ModelNotAvailableError(
-        f"could not load model {name!r}: not in the local Hugging Face cache and the Hub is not "
-        f"reachable{' (HF_HUB_OFFLINE is set)' if _hf_offline() else ''}.\n"
+        f"could not load model {name!r}: it is not in the local Hugging Face cache and could not "
+        f"be downloaded{' (HF_HUB_OFFLINE is set)' if _hf_offline() else ''}.\n"
         f"Either pre-download it on a machine with access, `huggingface-cli download {name} "
         f"--local-dir <folder>`, copy the folder here and pass its path (or copy the HF cache "
         f"and set HF_HOME to it), or use the embedded CPU solver "
@@ -191,15 +205,24 @@ def load_model_and_tokenizer(name: str = EMBEDDED_SOLVER, *, dtype: torch.dtype 
             raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
         dtype = _DTYPES[dtype]
     source = resolve_model_path(name, cache_dir=cache_dir)
-    kw: dict[str, Any] = {"local_files_only": True} if _hf_offline() else {}
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kw)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype if dtype is not None else "auto", **kw)
-    except (OSError, ValueError) as err:
-        if source != name or Path(source).exists():  # a local folder: report the real error
-            raise
-        raise _not_available(name, err) from err
+    kw: dict[str, Any] = {"dtype": dtype if dtype is not None else "auto"}
+    if source != name or Path(source).exists():  # a local folder: no Hub involved
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kw)
+    else:
+        # The local HF cache first: without network, huggingface_hub would retry each file for
+        # ~20 s before falling back to it. Then the Hub, if it answers at all.
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True, **kw)
+        except (OSError, ValueError) as err:
+            if _hf_offline() or not _hub_reachable():
+                raise _not_available(name, err) from err
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(source)
+                model = AutoModelForCausalLM.from_pretrained(source, **kw)
+            except (OSError, ValueError) as err2:
+                raise _not_available(name, err2) from err2
     if device is not None:
         model.to(device)
     model.eval()

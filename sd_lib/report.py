@@ -4,7 +4,7 @@
     results = load_eval_results(cfg)               # every eval/step_NNNNNN.json of every run
     best, last = best_table(results), last_table(results)
     print(best_table_md(best, cfg=cfg))
-    update_readme({"eval_table": best_table_md(best, cfg=cfg)})
+    update_readme({"eval_table": best_table_md(best, cfg=cfg)})   # or update_readme("eval_table", md)
 
 Sources: `runs/<profile>/<condition>-seed<seed>/eval/step_NNNNNN.json` written by the trainer
 (or by `evaluate_missing` for a checkpoint that lacks one), and `<results_dir>/base_eval.json`
@@ -51,6 +51,9 @@ __all__ = [
     "best_table_md",
     "last_table_md",
     "comparison_md",
+    "base_eval_markdown",
+    "describe_gaps",
+    "eval_markdown",
     "build_report",
     "replace_marked_section",
     "update_readme",
@@ -86,11 +89,14 @@ def eval_files(run_dir) -> dict[int, Path]:
 
 
 def read_eval(path) -> list[dict]:
-    """One eval file -> rows (metric, mean, ci_low, ci_high, k); rates scaled to percent."""
-    d = json.loads(Path(path).read_text())
+    """One eval file -> rows (metric, mean, ci_low, ci_high, k, n_problems); rates in percent."""
+    return _eval_rows(json.loads(Path(path).read_text()), str(path))
+
+
+def _eval_rows(d: dict, where: str) -> list[dict]:
     summary = d.get("summary")
     if not isinstance(summary, dict):
-        raise ValueError(f"{path}: no 'summary' in this eval file; keys are {sorted(d)}")
+        raise ValueError(f"{where}: no 'summary' in this eval file; keys are {sorted(d)}")
     rows = []
     for metric, v in summary.items():
         if not isinstance(v, dict) or "mean" not in v:
@@ -312,6 +318,53 @@ def comparison_md(comparison: pd.DataFrame, *, cfg=None, k: int | None = None, m
         "those best values.*")
 
 
+def base_eval_markdown(base_eval: dict) -> str:
+    """Markdown of one eval file (the base solver's `base_eval.json`): one row, Pass@k / Maj@k /
+    Avg@k in percent and mean length, each with its 95% CI, captioned with the profile, seed,
+    k, number of problems and well-formed share when the file records them."""
+    rows = {r["metric"]: r for r in _eval_rows(base_eval, "base_eval")}
+    k = base_eval.get("k")
+    cells = [_result_cell({**rows[m], "value": rows[m]["mean"], "step": None}) if m in rows else "-" for m in METRICS]
+    table = markdown_table([[str(base_eval.get("solver", "warmed-up solver"))] + cells],
+                           ["solver"] + _header(METRICS, k))
+    who = f"profile `{base_eval['profile']}`, seed {base_eval['seed']}" if "profile" in base_eval else "profile ?, seed ?"
+    extra = f"; well-formed traces {100 * base_eval['format_rate']:.1f}%" if "format_rate" in base_eval else ""
+    return table + (f"\n\n*Held-out evaluation before training, {who}; k = {k} samples on "
+                    f"{base_eval.get('n_problems', '?')} problems; 95% bootstrap CIs over problems{extra}.*")
+
+
+def describe_gaps(best: pd.DataFrame, *, metric: str = "avg@k") -> str:
+    """One sentence per gap (StepAlignFB - GRPO, StepAlignFB - RefSol) on `metric`, ours beside
+    the paper's, generated from the numbers (a missing run is said to be missing)."""
+    ours = gap_table(best, metrics=(metric,)).set_index("gap")["value"]
+    paper = gap_table(paper_table(), metrics=(metric,)).set_index("gap")["value"]
+    label = METRIC_LABELS[metric].format(k="k")
+    out = []
+    for gap in paper.index:
+        o = ours.get(gap, math.nan)
+        if math.isnan(o):
+            out.append(f"{gap}: not available here (a run is missing); the paper reports {paper[gap]:+.2f} {label} points.")
+            continue
+        a, b = gap.split(" - ")
+        verdict = f"{a} is ahead" if o > 0 else f"{a} is behind" if o < 0 else "they tie"
+        same = "the same sign as" if (o > 0) == (paper[gap] > 0) and o != 0 else "unlike"
+        out.append(f"{gap}: {o:+.2f} {label} points ({verdict}; {same} the paper's {paper[gap]:+.2f}).")
+    return " ".join(out)
+
+
+def eval_markdown(results: pd.DataFrame, cfg) -> str:
+    """`results/eval_table.md`: best and last tables, the paper beside ours, the gap sentence."""
+    best, last = best_table(results), last_table(results)
+    k = next((int(x) for x in best["k"].dropna()), None) if len(best) else None
+    return "\n\n".join([
+        f"# Held-out evaluation ({_who(cfg)})",
+        "## Best over checkpoints", best_table_md(best, cfg=cfg),
+        "## Last checkpoint", last_table_md(last, cfg=cfg),
+        "## The paper beside ours", comparison_md(comparison_table(best), cfg=cfg, k=k),
+        describe_gaps(best),
+    ]) + "\n"
+
+
 def build_report(results: pd.DataFrame, cfg) -> dict:
     """Everything `results/eval.json` holds: the long table, best, last, paper, comparison, gaps."""
     best, last = best_table(results), last_table(results)
@@ -358,18 +411,27 @@ def replace_marked_section(text: str, name: str, content: str, *, append_missing
     return text[:i] + block + text[j:]
 
 
-def update_readme(sections: dict[str, str], path=None, *, append_missing: bool = True) -> bool:
+def update_readme(section, content: str | None = None, *, path=None, append_missing: bool = True) -> bool:
     """Write generated markdown into the README's marked sections; returns True if it changed.
 
-    sections: marker name -> markdown (e.g. ``{"eval_table": best_table_md(...)}``).
+    section: a marker name with its `content` (``update_readme("base_eval", md)``), or a dict
+        name -> markdown (``update_readme({"eval_table": md1, "paper_comparison": md2})``).
     path: the README (default: the repository's README.md). Sections missing from it are
-    appended at the end (with their markers) unless `append_missing=False`.
+        appended at the end (with their markers) unless `append_missing=False`.
     """
+    if isinstance(section, str):
+        if content is None:
+            raise ValueError(f"update_readme({section!r}) needs the section's content")
+        sections = {section: content}
+    else:
+        if content is not None:
+            raise ValueError("pass either a dict of sections or one name and its content, not both")
+        sections = dict(section)
     path = Path(path) if path is not None else ROOT / "README.md"
     old = path.read_text() if path.exists() else ""
     new = old
-    for name, content in sections.items():
-        new = replace_marked_section(new, name, content, append_missing=append_missing)
+    for name, md in sections.items():
+        new = replace_marked_section(new, name, md, append_missing=append_missing)
     if new != old:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(new)
@@ -413,14 +475,12 @@ def missing_evaluations(cfg, *, conditions=CONDITIONS) -> list[dict]:
 def evaluate_missing(cfg, *, conditions=CONDITIONS, progress: bool = True, model=None, tokenizer=None) -> list[Path]:
     """Evaluate the base solver and every checkpoint lacking an eval file (`missing_evaluations`).
 
-    Loads the warmed-up base solver once (`train.solver_path`; or `model`/`tokenizer`), puts each
+    Loads the warmed-up base solver once (`warmup.load_starting_solver`; or `model`/`tokenizer`), puts each
     checkpoint's LoRA adapter onto it (`peft.PeftModel.from_pretrained`), runs
     `evaluation.evaluate_config` with the run's saved config (its held-out problems, k,
     temperature, seed) and writes the trainer's file layout; the adapter is unloaded again
     before the next one. Returns the files written.
     """
-    import torch
-
     from .evaluation import evaluate_config, write_json
     from .problems import load_splits
 
@@ -428,12 +488,9 @@ def evaluate_missing(cfg, *, conditions=CONDITIONS, progress: bool = True, model
     if not todo:
         return []
     if model is None:
-        from .models import load_model_and_tokenizer
-        from .train import solver_path
+        from .warmup import load_starting_solver
 
-        gpu = torch.cuda.is_available()
-        model, tokenizer = load_model_and_tokenizer(solver_path(cfg), dtype=cfg.dtype if gpu else "float32",
-                                                    device="cuda" if gpu else None)
+        model, tokenizer = load_starting_solver(cfg)
     written = []
     for item in todo:
         run_cfg = item["cfg"]

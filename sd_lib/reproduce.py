@@ -50,7 +50,7 @@ def notebook_paths(only=None) -> list[Path]:
     return paths
 
 
-def run_notebook(src: Path, *, parameters: dict, out_dir: Path, kernel: str | None = None) -> Path:
+def run_notebook(src: Path, *, parameters: dict, out_dir: Path, kernel: str = "python3") -> Path:
     """Convert one percent-format notebook and execute it; raise `NotebookFailed` naming the cell."""
     import jupytext
     import papermill as pm
@@ -61,7 +61,7 @@ def run_notebook(src: Path, *, parameters: dict, out_dir: Path, kernel: str | No
     out = out_dir / (src.stem + ".ipynb")
     try:
         pm.execute_notebook(
-            str(ipynb), str(out), parameters=parameters, cwd=str(NOTEBOOKS), kernel_name=kernel,
+            str(ipynb), str(out), parameters=parameters, cwd=str(NOTEBOOKS), kernel_name=kernel, language="python",
             progress_bar=False, log_output=True, request_save_on_cell_execute=True,
         )
     except pm.PapermillExecutionError as e:

@@ -97,7 +97,7 @@ def problems_for_step(train_problems, *, seed: int, position: int, n: int):
 # ----------------------------------------------------------------------------- distributed
 
 class _Dist:
-    """World size / rank and a manual gradient all-reduce (DDP semantics, any forward path)."""
+    """World size / rank and a manual gradient all-reduce (any forward path, incl. hidden states)."""
 
     def __init__(self):
         self.accelerator = None
@@ -121,10 +121,11 @@ class _Dist:
     def all_reduce_grads(self, params) -> None:
         if self.world == 1:
             return
+        # every process's loss is already divided by the GLOBAL normaliser (tokens or rollouts
+        # of the whole step), so the global gradient is the plain sum over processes
         for p in params:
             if p.grad is not None:
                 torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-                p.grad.div_(self.world)
 
     def sum(self, x: float) -> float:
         if self.world == 1:
@@ -132,13 +133,6 @@ class _Dist:
         t = torch.tensor([x], dtype=torch.float64)
         torch.distributed.all_reduce(t)
         return float(t.item())
-
-    def gather(self, values: list) -> list:
-        if self.world == 1:
-            return values
-        out = [None] * self.world
-        torch.distributed.all_gather_object(out, values)
-        return [v for part in out for v in part]
 
     def barrier(self):
         if self.world > 1:
@@ -260,24 +254,17 @@ def load_checkpoint(ckpt: Path, *, model, optimizer, scheduler, ema) -> tuple[in
 
 # ----------------------------------------------------------------------------- model set-up
 
-def solver_path(cfg: SDConfig) -> str:
-    """The starting solver: the format-warmed-up embedded model, or `cfg.solver` as is."""
-    if cfg.warmup_format:
-        from .warmup import warmed_up_solver_path
-
-        return str(warmed_up_solver_path(cfg))
-    return cfg.solver
-
-
 def build_model(cfg: SDConfig, *, model=None, tokenizer=None):
     """(peft model, tokenizer): the solver with fresh LoRA adapters, seeded by `cfg.seed`."""
     from .models import add_lora, load_for_training
+    from .warmup import starting_solver
 
     torch.manual_seed(cfg.seed)
     if model is None:
-        model, tokenizer = load_for_training(solver_path(cfg), cfg)
+        model, tokenizer = load_for_training(starting_solver(cfg), cfg)
     if not hasattr(model, "disable_adapter"):
         model = add_lora(model, cfg)
+    model.train()
     return model, tokenizer
 
 
@@ -380,7 +367,7 @@ def train(
     """
     from tqdm.auto import tqdm
 
-    from .contexts import apply_chat, teacher_messages
+    from .contexts import apply_chat, build_prompts
     from .evaluation import evaluate_config, write_json
     from .stepformat import solver_messages
 
@@ -394,9 +381,9 @@ def train(
         raise ValueError("no training problems")
     model, tokenizer = build_model(cfg, model=model, tokenizer=tokenizer)
     if cfg.condition == "stepalign" and critic is None:
-        from .critic import CritiqueCache, make_critic
+        from .critic import make_critic
 
-        critic = CritiqueCache(make_critic(cfg), resolve_path(cfg.runs_dir) / "critic_cache.jsonl")
+        critic = make_critic(cfg, cache=resolve_path(cfg.runs_dir) / "critic_cache.jsonl")
     pad_id = tokenizer.pad_token_id
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -407,6 +394,8 @@ def train(
     ckpt = latest_checkpoint(run_dir)
     if ckpt is not None:
         step, position = load_checkpoint(ckpt, model=model, optimizer=optimizer, scheduler=scheduler, ema=ema)
+        if dist.main:
+            print(f"[sd_lib.train] resuming {run_dir} from {ckpt.name} (step {step})", file=sys.stderr, flush=True)
     logger = MetricLogger(run_dir, cfg, resume_step=step, enabled=dist.main)
     steps_per_epoch = math.ceil(len(train_problems) / cfg.problems_per_step)
     total = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * steps_per_epoch
@@ -451,23 +440,17 @@ def train(
             row["loss"] = dist.sum(sums["loss"])
             row["adv/abs_mean"] = dist.sum(sum(abs(a) for a in adv)) / n_global
         else:
-            usable = [1.0] * len(rep)
             critiques = None
             if cfg.condition == "stepalign":
                 critiques = critic.critique_batch(rep, roll.texts)
-                usable = [1.0 if c.usable else 0.0 for c in critiques]
                 for case in "ABCD":
                     row[f"critic/case_{case}_frac"] = dist.sum(sum(c.case == case for c in critiques)) / n_global
+            _, t_text = build_prompts(cfg.condition, rep, tokenizer, cfg, critiques)
+            # an unusable critique gives no teacher: that rollout gets zero weight
+            usable = [0.0 if t is None else 1.0 for t in t_text]
+            if critiques is not None:
                 row["critic/unusable_frac"] = dist.sum(len(usable) - sum(usable)) / n_global
-            t_text = []
-            for i, p in enumerate(rep):
-                msgs = teacher_messages(
-                    cfg.condition, p, critique=critiques[i] if critiques else None,
-                    reference_style=cfg.reference_style, style=cfg.critique_style,
-                )
-                t_text.append(apply_chat(tokenizer, msgs, template_kwargs=cfg.teacher_chat_template_kwargs) if msgs else s_text[roll.prompt_index[i]])
-            teacher_ids = _tokenize(tokenizer, t_text)
-            teacher_ids = _truncate_contexts(teacher_ids, cfg.max_context_tokens)
+            teacher_ids = _tokenize(tokenizer, [t if t is not None else s_text[j] for t, j in zip(t_text, roll.prompt_index)])
             norm = dist.sum(float(sum(len(c) * w for c, w in zip(roll.completion_ids, usable))))
             sums = {"loss": 0.0, "div": 0.0, "adv": 0.0, "tokens": 0.0}
             for s in range(0, len(rep), cfg.micro_batch_size):
@@ -487,6 +470,9 @@ def train(
             row["adv/mean"] = dist.sum(sums["adv"]) / tokens
         # 3. update ----------------------------------------------------------------------
         dist.all_reduce_grads(params)
+        if os.environ.get("SD_LIB_DUMP_GRADS") and dist.main and stopped == 0:
+            # test hook: the first step's global gradient, to compare process layouts
+            torch.save({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, os.environ["SD_LIB_DUMP_GRADS"])
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         scheduler.step()
@@ -530,22 +516,6 @@ def train(
     bar.close()
     logger.close()
     return run_dir
-
-
-def _truncate_contexts(ids: list[list[int]], limit: int) -> list[list[int]]:
-    """Keep a too-long teacher prompt's start (question and the start of its context) and its
-    last 8 tokens (the chat template's turn end and generation prompt), with a warning."""
-    import warnings
-
-    out, cut = [], 0
-    for x in ids:
-        if len(x) > limit:
-            cut += 1
-            x = x[: limit - 8] + x[-8:]
-        out.append(x)
-    if cut:
-        warnings.warn(f"{cut} teacher prompt(s) longer than max_context_tokens={limit} were truncated", stacklevel=2)
-    return out
 
 
 # ----------------------------------------------------------------------------- CLI

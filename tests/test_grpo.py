@@ -43,8 +43,12 @@ def test_k3_kl_hand_value_and_errors():
         grpo_loss(logps, logps, torch.zeros(1), mask, kl_beta=0.1)
     with pytest.raises(ValueError, match="loss_type='ppo'"):
         grpo_loss(logps, logps, torch.zeros(1), mask, loss_type="ppo")
-    with pytest.raises(ValueError, match="max_completion_length"):
-        grpo_loss(logps, logps, torch.zeros(1), mask, max_completion_length=4)
+    with pytest.raises(ValueError, match="max_completion_length=0"):
+        grpo_loss(logps, logps, torch.zeros(1), mask, loss_type="dr_grpo", max_completion_length=0)
+    # trainer-wide settings that a loss type does not read are ignored, as in TRL
+    plain, _ = grpo_loss(logps, logps.detach(), torch.ones(1), mask)
+    ignored, _ = grpo_loss(logps, logps.detach(), torch.ones(1), mask, max_completion_length=4, num_items_in_batch=9)
+    assert torch.equal(plain, ignored)
 
 
 def _trl_grpo_loss(per_token_logps, old, adv, mask, ref, *, beta, loss_type, eps_low, eps_high, max_len):
@@ -86,7 +90,7 @@ def test_matches_trl_grpo_compute_loss(loss_type, beta):
     ref = old + 0.1 * torch.randn(batch, length, generator=gen, dtype=torch.float64)
     adv = torch.randn(batch, generator=gen, dtype=torch.float64)
     mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2, [1] * 1 + [0] * 5, [1] * 5 + [0]], dtype=torch.float64)
-    max_len = 8 if loss_type == "dr_grpo" else None
+    max_len = 8
     want, want_metrics = _trl_grpo_loss(logps, old, adv, mask, ref, beta=beta, loss_type=loss_type,
                                         eps_low=0.2, eps_high=0.28, max_len=8)
     got, metrics = grpo_loss(logps, old, adv, mask, eps_low=0.2, eps_high=0.28, kl_beta=beta,

@@ -175,7 +175,7 @@ def test_chunked_gradcheck_float64(divergence):
 
 def test_chunked_teacher_and_frozen_weight_get_no_gradient():
     """Checks the stop-gradient: teacher hidden gets no grad; a frozen (LoRA) head none either,
-    while the student's grad equals the naive one."""
+    while the student's grad equals the naive one; grad_output scaling; a separate teacher head."""
     h_s = torch.randn(2, 3, 8, requires_grad=True)
     h_t = torch.randn(2, 3, 8, requires_grad=True)
     weight = torch.randn(20, 8)
@@ -189,6 +189,9 @@ def test_chunked_teacher_and_frozen_weight_get_no_gradient():
     (3.0 * chunked_sd_loss(h_s, h_t, weight, mask, chunk_size=5)).backward()
     torch.testing.assert_close(h_s.grad, 3.0 * want, atol=1e-6, rtol=1e-5)
     assert chunked_sd_loss(h_s, h_t, weight, torch.zeros(2, 3)).item() == 0.0
+    # a separate teacher head (not the shared one-GEMM path) gives the same value
+    torch.testing.assert_close(chunked_sd_loss(h_s, h_t, weight, mask, teacher_weight=weight.clone()),
+                               chunked_sd_loss(h_s, h_t, weight, mask), atol=1e-6, rtol=1e-6)
 
 
 # ------------------------------------------------------------------ unsupported combinations
