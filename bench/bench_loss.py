@@ -14,7 +14,8 @@ both). Every pass runs in a fresh subprocess: peak memory is the high-water RSS
 CUDA it is torch.cuda.max_memory_allocated above the inputs. Time is the median wall time of
 forward+backward passes, one per process, variants alternating; the CPU-time ratio (process
 user+sys time) is the steadier number when other jobs share the cores. Ratios are chunked/naive.
-The naive pass is skipped (and says so) when MemAvailable cannot hold its ~7 (N, V) buffers.
+The naive pass is skipped (and says so) when MemAvailable cannot hold its ~7 (N, V) buffers plus
+`--headroom-gib` for other jobs (B*T = 4096 needs ~18 GiB: a quiet 24 GiB machine at least).
 
     .venv/bin/python bench/bench_loss.py                  # the README table (5-10 min on 2 cores)
     .venv/bin/python bench/bench_loss.py --tokens 1024 --repeats 1   # quick look
@@ -120,6 +121,8 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3,
                         help="passes per variant at the smallest B*T; max(1, repeats * smallest // B*T) above it")
     parser.add_argument("--weight-grad", action="store_true", help="also differentiate the output layer W")
+    parser.add_argument("--headroom-gib", type=float, default=4.0,
+                        help="skip the naive pass unless this much memory stays available beside it")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=["naive", "chunked"], help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -133,13 +136,14 @@ def main(argv=None) -> None:
     for n_tokens in args.tokens:
         # passes shrink with size (one at 4x) so each size costs about the same wall time
         repeats = max(1, args.repeats * smallest // n_tokens)
-        # measured naive peak is ~7 (N, V) fp32 buffers above the inputs; skip rather than invite the OOM killer
-        need = 7.5 * n_tokens * args.vocab * 4 + args.vocab * args.hidden * 4 + 0.5 * GiB
+        # measured naive peak is ~7 (N, V) fp32 buffers above the inputs; on a shared machine keep
+        # `--headroom-gib` free for the other jobs rather than invite the OOM killer
+        need = 7.2 * n_tokens * args.vocab * 4 + args.vocab * args.hidden * 4 + (0.5 + args.headroom_gib) * GiB
         runs = {"chunked": [], "naive": []}
         for rep in range(repeats):
             # one pass per fresh process, variants alternating, so CPU contention drifts hit both
-            for variant in ("chunked", "naive") if rep % 2 == 0 else ("naive", "chunked"):
-                if variant == "naive" and need > 0.9 * _available_bytes():
+            for variant in ("naive", "chunked") if rep % 2 == 0 else ("chunked", "naive"):
+                if variant == "naive" and need > _available_bytes():
                     runs[variant].append({"error": f"naive skipped: needs ~{need / GiB:.1f} GiB, "
                                                    f"{_available_bytes() / GiB:.1f} available"})
                     continue
@@ -154,6 +158,7 @@ def main(argv=None) -> None:
                 peak_extra=max(r["peak_extra"] for r in results))
         rows.append((n_tokens, repeats, pair))
 
+    rows.sort(key=lambda row: row[0])
     head = "W frozen (LoRA)" if not args.weight_grad else "W trained"
     print(f"\nforward KL, V={args.vocab:,}, H={args.hidden}, fp32, {head}, chunk_size={args.chunk_size}, "
           f"device={rows[0][2]['chunked'].get('device', '?')}, threads={rows[0][2]['chunked'].get('threads', '?')}, "
@@ -163,15 +168,21 @@ def main(argv=None) -> None:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n_tokens, repeats, pair in rows:
         naive, chunked = pair["naive"], pair["chunked"]
-        if "error" in naive or "error" in chunked:
-            print(f"| {n_tokens} | {repeats} | {naive.get('error', '')} | {chunked.get('error', '')} | | | | | | |")
-            continue
-        print(f"| {n_tokens} | {repeats} | {naive['time_s']:.2f} | {chunked['time_s']:.2f} | "
-              f"{chunked['time_s'] / naive['time_s']:.2f} | {chunked['cpu_s'] / naive['cpu_s']:.2f} | "
-              f"{naive['peak_extra'] / GiB:.2f} | "
-              f"{chunked['peak_extra'] / GiB:.3f} | {chunked['peak_extra'] / naive['peak_extra']:.3f} | "
-              f"{abs(naive['loss'] - chunked['loss']):.1e} |")
 
+        def cell(result, key, fmt, scale=1.0):
+            return format(result[key] / scale, fmt) if key in result else "not run*"
+
+        def ratio(key):
+            return format(chunked[key] / naive[key], ".3f") if key in naive and key in chunked else "-"
+
+        diff = format(abs(naive["loss"] - chunked["loss"]), ".1e") if "loss" in naive and "loss" in chunked else "-"
+        print(f"| {n_tokens} | {repeats} | {cell(naive, 'time_s', '.2f')} | {cell(chunked, 'time_s', '.2f')} | "
+              f"{ratio('time_s')} | {ratio('cpu_s')} | {cell(naive, 'peak_extra', '.2f', GiB)} | "
+              f"{cell(chunked, 'peak_extra', '.3f', GiB)} | {ratio('peak_extra')} | {diff} |")
+    for n_tokens, _, pair in rows:
+        for variant, result in pair.items():
+            if "error" in result:
+                print(f"\n\\* B*T={n_tokens} {variant}: {result['error']}")
 
 if __name__ == "__main__":
     main()

@@ -67,7 +67,7 @@ for r in rollouts[:1]:  # one example
 tokens = context_advantages(model, tokenizer, rollouts, critics=critics, cfg=cfg, teacher_kind=None)
 table = localisation_table(tokens, n_boot=N_BOOT, seed=SEED)
 table[["label", "n_rollouts", "mean_correct_prefix", "mean_first_error", "mean_after_error", "mean_other",
-       "auroc", "auroc_ci_low", "auroc_ci_high", "auroc_pooled", "error_abs_share"]].round(3)
+       "auroc", "auroc_ci_low", "auroc_ci_high", "auroc_pooled", "step_auroc", "error_abs_share"]].round(3)
 
 # %% [markdown]
 # ## What the numbers say

@@ -16,6 +16,8 @@ Every completion token gets a *part*: `correct_prefix` (inside a step before the
 - AUROC of -A_t for telling first-error tokens (positives) from correct-prefix tokens
   (negatives): P(A_err < A_prefix) + 1/2 P(A_err = A_prefix) (Mann-Whitney U / (n_pos n_neg));
   1 = the error step is always more penalised than the prefix, 0.5 = no localisation;
+- the same AUROC over whole steps (`step_auroc`), each step scored by -sum of its A_t: is
+  the erroneous step ranked below the correct steps before it?
 - the share of sum_t |A_t| that falls on the first erroneous step.
 
     rollouts = sample_erroneous_rollouts(model, tok, problems, critic=critic, k=4, ...)
@@ -28,7 +30,7 @@ The statistics (`auroc`, `localisation_stats`, `rollout_stats`, `localisation_ta
 `sample_erroneous_rollouts` and `context_advantages` run a model.
 
 Departures from the paper:
-1. The paper plots A_t along one rollout and reports no statistics; the part means, AUROC and
+1. The paper plots A_t along one rollout and reports no statistics; the part means, AUROCs and
    |A_t| share are this library's summaries of that plot.
 2. The solver scored is the warmed-up solver without adapter (or any model passed in); the
    paper's plot is along a rollout of its solver during training.
@@ -143,9 +145,18 @@ def error_abs_share(advantages, parts) -> float:
     return float(np.abs(adv[lab == "first_error"]).sum() / total) if total > 0 else math.nan
 
 
-def localisation_stats(advantages, parts) -> dict[str, float]:
+def localisation_stats(advantages, parts, steps=None) -> dict[str, float]:
     """One rollout under one context: `mean_<part>`, `sum_<part>`, `n_<part>` for every part,
-    `auroc` (of -A_t, first error vs correct prefix) and `error_abs_share`."""
+    `auroc` (of -A_t, first-error tokens vs correct-prefix tokens), `error_abs_share`, and,
+    when `steps` (each token's 1-based step, 0 outside steps) is given, `step_auroc`: the same
+    AUROC over whole steps scored by -sum_{t in step} A_t (the step's teacher/student
+    log-likelihood ratio), the first erroneous step against the correct-prefix steps (NaN when
+    the error is at step 1 or `steps` is None).
+
+    Token-level AUROC weighs every token of the erroneous step equally, though usually one or
+    two of its tokens carry the error and the rest are ordinary copying; the step-level AUROC
+    asks the process-reward question directly: is the wrong step scored below the right ones?
+    """
     adv, lab = _as_arrays(advantages, parts)
     out: dict[str, float] = {}
     for p in PARTS:
@@ -155,6 +166,14 @@ def localisation_stats(advantages, parts) -> dict[str, float]:
         out[f"mean_{p}"] = float(sel.mean()) if sel.size else math.nan
     out["auroc"] = auroc(-adv[lab == "first_error"], -adv[lab == "correct_prefix"])
     out["error_abs_share"] = error_abs_share(adv, lab)
+    out["step_auroc"] = math.nan
+    if steps is not None:
+        st = np.asarray(steps, dtype=np.int64).ravel()
+        if st.shape != adv.shape:
+            raise ValueError(f"steps ({st.size}) must have one entry per token ({adv.size})")
+        score = {part: [-adv[(st == k) & (lab == part)].sum() for k in np.unique(st[(lab == part) & (st > 0)])]
+                 for part in ("first_error", "correct_prefix")}
+        out["step_auroc"] = auroc(score["first_error"], score["correct_prefix"])
     return out
 
 
@@ -167,7 +186,8 @@ def rollout_stats(df: pd.DataFrame) -> pd.DataFrame:
     _require_columns(df, ("context", "rollout", "part", "advantage"))
     rows = []
     for (context, rollout), g in df.groupby(["context", "rollout"], sort=False):
-        rows.append({"context": context, "rollout": rollout, **localisation_stats(g["advantage"], g["part"])})
+        steps = g["step"] if "step" in g.columns else None
+        rows.append({"context": context, "rollout": rollout, **localisation_stats(g["advantage"], g["part"], steps)})
     return pd.DataFrame(rows)
 
 
@@ -189,7 +209,7 @@ def _context_summary(stats: pd.DataFrame, idx: np.ndarray | None = None) -> dict
         for p in PARTS:
             n = stats[f"n_{p}"].to_numpy(dtype=np.float64)[idx].sum(axis=1)  # (n_boot,)
             out[f"mean_{p}"] = np.where(n > 0, stats[f"sum_{p}"].to_numpy(dtype=np.float64)[idx].sum(axis=1) / n, np.nan)
-        for name in ("auroc", "error_abs_share"):
+        for name in ("auroc", "step_auroc", "error_abs_share"):
             v = stats[name].to_numpy(dtype=np.float64)[idx]  # (n_boot, R)
             ok = ~np.isnan(v)
             out[name] = np.where(ok.any(axis=1), np.where(ok, v, 0.0).sum(axis=1) / ok.sum(axis=1), np.nan)
@@ -198,12 +218,14 @@ def _context_summary(stats: pd.DataFrame, idx: np.ndarray | None = None) -> dict
 
 def localisation_table(df: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0,
                        contexts: Sequence[str] | None = None) -> pd.DataFrame:
-    """Per context: mean A_t per part (token-weighted over rollouts), AUROC and |A_t| share on
-    the first error (means over rollouts), each with a 95% percentile-bootstrap CI over rollouts
+    """Per context: mean A_t per part (token-weighted over rollouts), token- and step-level
+    AUROC and |A_t| share on the first error (means over rollouts), each with a 95% percentile-bootstrap CI over rollouts
     (`<stat>_ci_low`, `<stat>_ci_high`), plus `auroc_pooled` (all tokens of all rollouts),
     `n_rollouts` and `n_tokens`.
 
-    Rollouts are the resampling unit: tokens of one rollout are not independent.
+    Rollouts are the resampling unit: tokens of one rollout are not independent. (Not
+    `metrics.bootstrap_ci`: the token-weighted means are ratios of sums over rollouts, so all
+    statistics are recomputed from the same resampled rollouts, vectorised.)
     """
     stats = rollout_stats(df)
     names = list(contexts) if contexts is not None else list(dict.fromkeys(df["context"]))
@@ -254,7 +276,8 @@ def describe_localisation(table: pd.DataFrame) -> str:
     lines = [f"Over {n} erroneous rollouts (95% bootstrap CIs over rollouts in brackets):"]
     for c in table["context"]:
         lines.append(
-            f"- {CONTEXT_LABELS.get(c, c)}: AUROC {_fmt(table, c, 'auroc')}; mean A_t on the correct prefix "
+            f"- {CONTEXT_LABELS.get(c, c)}: token AUROC {_fmt(table, c, 'auroc')}, step AUROC "
+            f"{_fmt(table, c, 'step_auroc')}; mean A_t on the correct prefix "
             f"{_fmt(table, c, 'mean_correct_prefix', signed=True)}, on the first erroneous step "
             f"{_fmt(table, c, 'mean_first_error', signed=True)}; share of |A_t| on the first erroneous step "
             f"{_fmt(table, c, 'error_abs_share', pct=True)}."
@@ -275,7 +298,9 @@ def describe_localisation(table: pd.DataFrame) -> str:
         return f"{claim}: {'holds' if holds else 'does not hold'}, {key} = {v:+.3f}{sure}."
 
     checks = [
-        check("stepalign_aligned", "auroc", ">", 0.5, "StepAlignFB localises the error (AUROC > 0.5)"),
+        check("stepalign_aligned", "auroc", ">", 0.5, "StepAlignFB localises the error token by token (AUROC > 0.5)"),
+        check("stepalign_aligned", "step_auroc", ">", 0.5,
+              "StepAlignFB scores the erroneous step below the correct ones (step AUROC > 0.5)"),
         check("stepalign_aligned", "mean_correct_prefix", ">=", 0.0, "StepAlignFB is non-negative on the correct prefix"),
         check("refsol_independent", "mean_correct_prefix", "<", 0.0, "RefSol is negative on the correct prefix (diffuse)"),
         check("stepalign_quote_error", "mean_first_error", ">", 0.0,
@@ -283,14 +308,15 @@ def describe_localisation(table: pd.DataFrame) -> str:
         check("stepalign_no_trace", "mean_correct_prefix", "<", 0.0,
               "Without the solver's trace, A_t is negative on the correct prefix"),
     ]
-    if {"stepalign_aligned", "refsol_independent"} <= have:
-        a, r = t.loc["stepalign_aligned", "auroc"], t.loc["refsol_independent", "auroc"]
-        if np.isfinite(a) and np.isfinite(r):
-            overlap = not (t.loc["stepalign_aligned", "auroc_ci_low"] > t.loc["refsol_independent", "auroc_ci_high"]
-                           or t.loc["stepalign_aligned", "auroc_ci_high"] < t.loc["refsol_independent", "auroc_ci_low"])
-            checks.insert(1, f"StepAlignFB localises better than RefSol (higher AUROC): "
-                             f"{'holds' if a > r else 'does not hold'}, {a:.3f} vs {r:.3f}"
-                             f"{' (the CIs overlap)' if overlap else ' (the CIs do not overlap)'}.")
+    for key, what, at in (("auroc", "token AUROC", 1), ("step_auroc", "step AUROC", 3)):
+        if {"stepalign_aligned", "refsol_independent"} <= have:
+            a, r = t.loc["stepalign_aligned", key], t.loc["refsol_independent", key]
+            if np.isfinite(a) and np.isfinite(r):
+                overlap = not (t.loc["stepalign_aligned", f"{key}_ci_low"] > t.loc["refsol_independent", f"{key}_ci_high"]
+                               or t.loc["stepalign_aligned", f"{key}_ci_high"] < t.loc["refsol_independent", f"{key}_ci_low"])
+                checks.insert(at, f"StepAlignFB localises better than RefSol (higher {what}): "
+                                  f"{'holds' if a > r else 'does not hold'}, {a:.3f} vs {r:.3f}"
+                                  f"{' (the CIs overlap)' if overlap else ' (the CIs do not overlap)'}.")
     checks = [c for c in checks if c]
     if checks:
         lines.append("The paper's expectations, checked against these numbers:")

@@ -282,35 +282,44 @@ def _token_weights(mask: torch.Tensor, reduction: str) -> torch.Tensor:
     return mask / (mask.sum(-1, keepdim=True).clamp(min=1.0) * mask.size(0))
 
 
-def _chunk_divergence_and_grad(student_logps: torch.Tensor, teacher_logps: torch.Tensor,
-                               beta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row D and dD/dz_s for one chunk; consumes both (C, V) inputs in place.
+def _log_softmax_and_softmax_(logits: torch.Tensor) -> torch.Tensor:
+    """logits -> log p in place, returns p: one max, one exp and one sum pass; (R, V)."""
+    logits.sub_(logits.amax(-1, keepdim=True))
+    probs = logits.exp()
+    total = probs.sum(-1, keepdim=True)  # (R, 1)
+    logits.sub_(total.log())
+    return probs.div_(total)
+
+
+def _chunk_divergence_and_grad(logits: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row D and dD/dz_s for one chunk; `logits` (2C, V) = [student rows; teacher rows],
+    consumed in place (the returned gradient (C, V) views one of its buffers).
 
     With s = log p_s = log_softmax(z_s), g = dD/dp_s and dD/dz_s = p_s (g - sum_v p_s g):
       forward KL:  D = sum p_t (t - s),                 dD/dz_s = p_s - p_t
       reverse KL:  D = sum p_s (s - t),                 dD/dz_s = p_s (s - t - D)
       JSD_beta:    D = b KL(t||m) + (1-b) KL(s||m),     dD/dz_s = (1-b) p_s (s - log m - KL(s||m))
+    Row sums are plain (pairwise) sums of an in-place product: a bmm-style dot loses ~1e-4
+    over 150k entries in float32.
     """
+    rows = logits.size(0) // 2
+    probs = _log_softmax_and_softmax_(logits)
+    student_logps, teacher_logps = logits[:rows], logits[rows:]
+    student_probs, teacher_probs = probs[:rows], probs[rows:]
     if beta == 0.0:
-        teacher_probs = teacher_logps.exp()
-        value = (teacher_probs * teacher_logps.sub_(student_logps)).sum(-1)
-        return value, student_logps.exp_().sub_(teacher_probs)
+        value = teacher_logps.sub_(student_logps).mul_(teacher_probs).sum(-1)
+        return value, student_probs.sub_(teacher_probs)
     if beta == 1.0:
-        student_probs = student_logps.exp()
-        log_ratio = teacher_logps.neg_().add_(student_logps)  # s - t
-        value = (student_probs * log_ratio).sum(-1)
+        log_ratio = student_logps.sub_(teacher_logps)  # s - t
+        value = torch.mul(student_probs, log_ratio, out=teacher_logps).sum(-1)
         return value, log_ratio.sub_(value.unsqueeze(-1)).mul_(student_probs)
     log_m = torch.logaddexp(student_logps + math.log1p(-beta), teacher_logps + math.log(beta))
-    teacher_probs = teacher_logps.exp()
-    kl_teacher = (teacher_probs * teacher_logps.sub_(log_m)).sum(-1)
-    del teacher_probs
-    student_probs = student_logps.exp()
+    kl_teacher = teacher_logps.sub_(log_m).mul_(teacher_probs).sum(-1)
     log_ratio = student_logps.sub_(log_m)  # s - log m
+    kl_student = torch.mul(student_probs, log_ratio, out=log_m).sum(-1)
     del log_m
-    kl_student = (student_probs * log_ratio).sum(-1)
     value = beta * kl_teacher + (1.0 - beta) * kl_student
-    grad = log_ratio.sub_(kl_student.unsqueeze(-1)).mul_(student_probs).mul_(1.0 - beta)
-    return value, grad
+    return value, log_ratio.sub_(kl_student.unsqueeze(-1)).mul_(student_probs).mul_(1.0 - beta)
 
 
 class _ChunkedSDFunction(torch.autograd.Function):
@@ -342,9 +351,8 @@ class _ChunkedSDFunction(torch.autograd.Function):
                 logits[h_s.size(0):] = teacher_hidden[rows] @ teacher_weight.T
             if temperature != 1.0:
                 logits.mul_(inv_temp)
-            logits.sub_(logits.logsumexp(-1, keepdim=True))  # log p_s rows, then log p_t rows
-            value, grad_z = _chunk_divergence_and_grad(logits[:h_s.size(0)], logits[h_s.size(0):], beta)
-            del logits  # grad_z (C, V) may still view its first half
+            value, grad_z = _chunk_divergence_and_grad(logits, beta)  # (C,), (C, V)
+            del logits  # grad_z may still view part of its buffers
             scale = token_weight[rows].to(compute_dtype) * inv_temp  # d z / d(h W^T) = 1/temp
             if clip is not None:
                 scale = scale * (value <= clip)  # clamp(max=clip): no gradient above the clip
@@ -395,11 +403,11 @@ def chunked_sd_loss(
 
     Only real completion tokens (completion_mask != 0) are projected, `chunk_size` rows at a
     time: per chunk the (C, V) student and teacher logits are built (one (2C, H) x (H, V) GEMM
-    when both use the same head), the divergence and its
-    gradient w.r.t. the student logits are computed in closed form, and that gradient is
-    pushed at once into grad(student_hidden) (N, H) and grad(weight) (V, H, only if `weight`
-    requires grad). Backward just scales these by the incoming gradient. Peak extra memory is a
-    few (C, V) buffers instead of several (N, V) ones. The teacher side gets no gradient.
+    when both use the same head), the divergence and its gradient w.r.t. the student logits
+    are computed in closed form, and that gradient is pushed at once into
+    grad(student_hidden) (N, H) and grad(weight) (V, H, only if `weight` requires grad).
+    Backward just scales these by the incoming gradient. Peak extra memory is ~4 (C, V)
+    buffers instead of ~7 (N, V) ones. The teacher side gets no gradient.
     Follows Liger-Kernel's chunked distillation losses (gradient computed in the forward) and
     TRL's `_chunked_divergence_loss` (only valid rows projected); written for plain PyTorch.
 

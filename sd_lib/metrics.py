@@ -7,7 +7,7 @@ and then averaged over problems; `bootstrap_ci` resamples problems, the unit the
 | metric | per problem, from n >= k samples |
 |---|---|
 | `avg@k` | fraction of the samples that are correct |
-| `pass@k` | 1 - C(n-c, k) / C(n, k): chance that k of the n samples hold a correct one (Chen et al. 2021) |
+| `pass@k` | 1 - C(n-c, k) / C(n, k), c correct: P(k of the n samples hold a correct one) |
 | `maj@k` | the most frequent parsed answer among the first k samples is correct |
 | `mean_length` | mean completion length in tokens |
 """

@@ -11,7 +11,8 @@ Three kinds of `name` are accepted by `load_model_and_tokenizer`:
    A path to any other ``.gguf`` file is converted the same way.
 2. A local folder holding a `save_pretrained` model and tokenizer.
 3. A Hub id such as ``"Qwen/Qwen3-1.7B"``, read from the local Hugging Face cache (``HF_HOME``)
-   without any network request when it is there, else downloaded. Offline without a local copy this raises `ModelNotAvailableError` saying what to do.
+   without any network request when it is there, else downloaded. Offline without a local
+   copy this raises `ModelNotAvailableError`, which says what to do.
 
 The cache root is the `cache_dir` argument, else ``$SD_LIB_CACHE``, else ``~/.cache/sd_lib``.
 
@@ -51,7 +52,7 @@ class ModelNotAvailableError(RuntimeError, OSError):
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Root of sd_lib's on-disk cache: `cache_dir`, else ``$SD_LIB_CACHE``, else ``~/.cache/sd_lib``."""
+    """sd_lib's on-disk cache root: `cache_dir`, else ``$SD_LIB_CACHE``, else ``~/.cache/sd_lib``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     return Path(os.environ.get("SD_LIB_CACHE") or "~/.cache/sd_lib").expanduser()

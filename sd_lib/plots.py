@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from .config import resolve_path
+from .report import CONDITION_LABELS
 
 __all__ = [
     "FIGURE_NAMES",
@@ -43,7 +44,6 @@ FIGURE_NAMES = {
     "advantage_ablation": "advantage_ablation.png",
 }
 
-CONDITION_LABELS = {"base": "base solver", "grpo": "GRPO", "refsol": "RefSol", "stepalign": "StepAlignFB"}
 CONDITION_COLORS = {"grpo": "#7f7f7f", "refsol": "#1f77b4", "stepalign": "#d62728"}
 CURVE_METRICS = (
     ("loss", "loss"),
@@ -82,6 +82,12 @@ def _subplots(*args, **kw):
         return plt.subplots(*args, **kw)
 
 
+def _integer_ticks():
+    from matplotlib.ticker import MaxNLocator
+
+    return MaxNLocator(integer=True)
+
+
 def _tex_safe(s: str) -> str:
     """Token text for a matplotlib label: visible whitespace, no mathtext."""
     s = s.replace("$", r"\$").replace("\n", r"\n").replace("\t", r"\t")
@@ -101,6 +107,7 @@ def plot_training_curves(rows, cfg):
     for ax, (key, label) in zip(axes[0], CURVE_METRICS):
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(_integer_ticks())
         if key in df.columns and df[key].notna().any():
             d = df[["step", key]].dropna()
             ax.plot(d["step"], d[key], marker="o" if len(d) < 30 else None, ms=3, color=color)
@@ -130,6 +137,7 @@ def plot_avg_vs_step(results: pd.DataFrame, cfg, *, metric: str = "avg@k"):
     else:
         ax.legend()
     label = f"Avg@{ks[0]}" if len(ks) == 1 else "Avg@k"
+    ax.xaxis.set_major_locator(_integer_ticks())
     ax.set_xlabel("optimizer step (0 = base solver)")
     ax.set_ylabel(f"held-out {label} (%)")
     ax.set_title(f"Held-out {label} vs step ({_who(cfg)})")
@@ -213,14 +221,18 @@ def plot_advantage_by_part(df: pd.DataFrame, cfg):
 
 
 def plot_advantage_ablation(table: pd.DataFrame, cfg):
-    """The quoting / alignment ablation: per context, AUROC of -A_t (first error vs correct
-    prefix), mean A_t on the correct prefix and the |A_t| share on the first error, with 95%
+    """The quoting / alignment ablation: per context, token- and step-level AUROC of -A_t (first
+    error vs correct prefix), mean A_t on the correct prefix and the |A_t| share on the first error, with 95%
     bootstrap CIs over rollouts. table: `analysis.localisation_table`. Saves advantage_ablation.png."""
+    import matplotlib as mpl
+
     from .analysis import CONTEXT_LABELS
 
-    panels = (("auroc", "AUROC (error vs prefix)", 0.5), ("mean_correct_prefix", "mean A_t, correct prefix", 0.0),
+    panels = (("auroc", "token AUROC (error vs prefix)", 0.5), ("step_auroc", "step AUROC (error vs prefix)", 0.5),
+              ("mean_correct_prefix", "mean A_t, correct prefix", 0.0),
               ("error_abs_share", "share of |A_t| on the error", None))
-    fig, axes = _subplots(1, 3, figsize=(13.0, 3.8), squeeze=False)
+    panels = [p for p in panels if p[0] in table.columns]
+    fig, axes = _subplots(1, len(panels), figsize=(4.2 * len(panels) + 1.0, 3.8), squeeze=False)
     labels = [CONTEXT_LABELS.get(c, c) for c in table["context"]]
     y = np.arange(len(table))
     colors = ["#1f77b4" if c.startswith("refsol") else "#d62728" for c in table["context"]]
@@ -232,8 +244,10 @@ def plot_advantage_ablation(table: pd.DataFrame, cfg):
         ax.barh(y, np.nan_to_num(v), xerr=np.nan_to_num(err), color=colors, alpha=0.85, capsize=3)
         if ref is not None:
             ax.axvline(ref, color="0.3", lw=0.8, ls="--")
-        if key in ("auroc", "error_abs_share"):
+        if key in ("auroc", "step_auroc", "error_abs_share"):
             ax.set_xlim(0, 1)
+        else:
+            ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(4))
         ax.set_yticks(y)
         ax.set_yticklabels(labels if ax is axes[0, 0] else [""] * len(y))
         ax.invert_yaxis()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pandas as pd
@@ -122,7 +123,7 @@ def load_eval_results(cfg, *, conditions=CONDITIONS, seed: int | None = None, ba
     base_rows = read_eval(base_path) if base_path.exists() else []
     rows = [{"condition": "base", "step": 0, **r, "path": str(base_path)} for r in base_rows]
     for condition in conditions:
-        run_dir = run_dir_for(_with(cfg, condition=condition, seed=seed))
+        run_dir = run_dir_for(replace(cfg, condition=condition, seed=seed))
         files = eval_files(run_dir)
         if not files:
             continue
@@ -131,12 +132,6 @@ def load_eval_results(cfg, *, conditions=CONDITIONS, seed: int | None = None, ba
             rows += [{"condition": condition, "step": step, **r, "path": str(path)} for r in read_eval(path)]
     cols = ["condition", "step", "metric", "mean", "ci_low", "ci_high", "k", "n_problems", "path"]
     return pd.DataFrame(rows, columns=cols)
-
-
-def _with(cfg, **kw):
-    from dataclasses import replace
-
-    return replace(cfg, **kw)
 
 
 # ----------------------------------------------------------------------------- tables
@@ -325,7 +320,10 @@ def base_eval_markdown(base_eval: dict) -> str:
     rows = {r["metric"]: r for r in _eval_rows(base_eval, "base_eval")}
     k = base_eval.get("k")
     cells = [_result_cell({**rows[m], "value": rows[m]["mean"], "step": None}) if m in rows else "-" for m in METRICS]
-    table = markdown_table([[str(base_eval.get("solver", "warmed-up solver"))] + cells],
+    solver = str(base_eval.get("solver", "warmed-up solver"))
+    if "/warmup/" in solver:  # a cache path: name it by what it is
+        solver = "format-warmed-up embedded solver"
+    table = markdown_table([[solver] + cells],
                            ["solver"] + _header(METRICS, k))
     who = f"profile `{base_eval['profile']}`, seed {base_eval['seed']}" if "profile" in base_eval else "profile ?, seed ?"
     extra = f"; well-formed traces {100 * base_eval['format_rate']:.1f}%" if "format_rate" in base_eval else ""
@@ -444,9 +442,9 @@ def update_readme(section, content: str | None = None, *, path=None, append_miss
 def _run_config(cfg, condition: str):
     from .train import run_dir_for
 
-    run_dir = run_dir_for(_with(cfg, condition=condition))
+    run_dir = run_dir_for(replace(cfg, condition=condition))
     saved = run_dir / "config.json"
-    return (load_config(saved) if saved.exists() else _with(cfg, condition=condition)), run_dir
+    return (load_config(saved) if saved.exists() else replace(cfg, condition=condition)), run_dir
 
 
 def missing_evaluations(cfg, *, conditions=CONDITIONS) -> list[dict]:
@@ -510,3 +508,28 @@ def evaluate_missing(cfg, *, conditions=CONDITIONS, progress: bool = True, model
                          "adapter": str(item["adapter"]) if item["adapter"] else None, "written_by": "report.evaluate_missing"}
         written.append(write_json(res, item["out"]))
     return written
+
+
+def advantage_markdown(advantage: dict) -> str:
+    """README table of a `results/advantage.json` (notebook 06): per teacher context, the mean A_t
+    per part, the token AUROC of -A_t (first erroneous step vs correct prefix) and the share of
+    |A_t| on the first erroneous step, with 95% bootstrap CIs over rollouts, then the generated
+    summary sentence."""
+
+    def ci(row, key, fmt):
+        v, lo, hi = row.get(key), row.get(f"{key}_ci_low"), row.get(f"{key}_ci_high")
+        if v is None:
+            return "–"
+        return f"{v:{fmt}}" + (f" [{lo:{fmt}}, {hi:{fmt}}]" if lo is not None and hi is not None else "")
+
+    rows = [
+        [r.get("label", r["context"]), ci(r, "mean_correct_prefix", "+.3f"), ci(r, "mean_first_error", "+.3f"),
+         ci(r, "mean_after_error", "+.3f"), ci(r, "auroc", ".2f"), ci(r, "error_abs_share", ".2f")]
+        for r in advantage["contexts"]
+    ]
+    header = ["teacher context", "mean A_t, correct prefix", "mean A_t, first error", "mean A_t, after error",
+              "AUROC (-A_t: error vs prefix)", "share of |A_t| on the error"]
+    caption = (f"*Per-token advantages on {advantage.get('n_erroneous', '?')} erroneous rollouts of the warmed-up solver "
+               f"(of {advantage.get('n_sampled', '?')} sampled), profile `{advantage.get('profile')}`, seed "
+               f"{advantage.get('seed')}; 95% bootstrap CIs over rollouts. Generated from `advantage.json`.*")
+    return "\n".join([markdown_table(rows, header, align=["l"] + ["r"] * 5), "", caption, "", advantage.get("summary", "")])

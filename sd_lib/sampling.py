@@ -3,10 +3,11 @@
     rollouts = generate(model, tokenizer, prompts, k=12, temperature=1.0, max_new_tokens=96, seed=0)
 
 Prompts are already chat-templated strings (or token-id lists); they are tokenized without
-adding special tokens, left-padded, and decoded with a KV cache. Within a batch the prefix all
-rows share (the system prompt; the whole prompt for the k copies of one prompt) is computed once. Samples of one prompt are
-contiguous: sample j of prompt i is row `i * k + j`. Completions stop at EOS or the chat's
-end-of-turn token (`<|im_end|>` and the like); the stop token is kept, nothing after it.
+adding special tokens, left-padded, and decoded with a KV cache. Within a batch, the prefix all
+rows share (the system prompt, or a whole prompt when the batch holds only its k copies) is
+computed once. Samples of one prompt are contiguous: sample j of prompt i is row `i * k + j`.
+Completions stop at EOS or the chat's end-of-turn token (`<|im_end|>` and the like); the stop
+token is kept, nothing after it.
 
 Departures from the paper:
 1. The paper generates with vLLM (paged attention, prefix caching); this is a plain PyTorch
@@ -16,6 +17,7 @@ Departures from the paper:
 from __future__ import annotations
 
 import math
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -81,12 +83,13 @@ def _tokenize_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence
     for i, p in enumerate(prompts):
         if isinstance(p, str):
             ids = tokenizer(p, add_special_tokens=False)["input_ids"]
-        elif isinstance(p, torch.Tensor):
-            ids = p.tolist()
         else:
-            ids = list(p)
-        if not ids or not all(isinstance(t, int) for t in ids):
-            raise ValueError(f"prompt {i} is empty or not a list of token ids: {p!r:.80}")
+            ids = p.tolist() if isinstance(p, torch.Tensor) else list(p)
+            if not all(isinstance(t, numbers.Integral) for t in ids):
+                raise ValueError(f"prompt {i} is neither a string nor a list of token ids: {p!r:.80}")
+            ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError(f"prompt {i} is empty")
         out.append(ids)
     return out
 

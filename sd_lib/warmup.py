@@ -48,7 +48,14 @@ _DONE = "warmup.json"  # written last into every finished warm-up folder
 
 @dataclass(frozen=True)
 class WarmupSettings:
-    """Warm-up length, difficulty and optimiser (defaults: the calibrated cpu setting)."""
+    """Warm-up length, difficulty and optimiser; the defaults are the calibrated cpu setting.
+
+    Calibration (cpu profile held-out set: 30 problems of 4-5 one-digit terms, k=12, T=1.0,
+    top_p=1.0, 96 new tokens, sampling seed 0): 8 steps of 16 problems of 3-4 terms gave
+    Avg@12 = 26.7% [15.6, 38.1] (config seed 0) and 29.7% [16.9, 43.3] (seed 1), 97% well-formed
+    traces, mostly single-step slips such as `3 + 8 = 17`. Along one 40-step run (k=4 estimates):
+    step 5 16.7%, step 10 27.5%; the format is learned within ~5 steps, arithmetic keeps improving.
+    """
 
     steps: int = 8
     """Optimizer steps; each sees `batch_size` new problems (one epoch over steps * batch_size)."""

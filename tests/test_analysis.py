@@ -58,6 +58,13 @@ def test_localisation_stats_hand_values():
     assert s["error_abs_share"] == pytest.approx(4.0 / 5.2)
     assert (s["n_correct_prefix"], s["n_first_error"], s["n_after_error"], s["n_other"]) == (2, 2, 1, 1)
     assert s["sum_first_error"] == pytest.approx(-4.0)
+    assert math.isnan(s["step_auroc"])  # no steps given
+    # Steps: 1 = (0.2, 0.4) prefix, 2 = (-1, -3) the error -> step scores -0.6 vs 4: step AUROC 1.
+    assert localisation_stats(adv, parts, [1, 1, 2, 2, 3, 0])["step_auroc"] == 1.0
+    # Prefix steps scored -0.2, -0.4 and an error step (0.2 + 0.3) scored -0.5: below both, step
+    # AUROC 0; token by token -A_err (-0.2, -0.3) vs (-0.2, -0.4): 0.5 + 1 + 0 + 1 = 2.5 of 4.
+    two = localisation_stats([0.2, 0.4, 0.2, 0.3], [P, P, E, E], [1, 2, 3, 3])
+    assert two["step_auroc"] == 0.0 and two["auroc"] == pytest.approx(0.625)
     # A teacher that endorses the error and penalises the prefix: reversed, AUROC 0.
     rev = localisation_stats([-0.2, -0.4, 1.0, 3.0, 0.5, 0.1], parts)
     assert rev["auroc"] == 0.0 and rev["mean_correct_prefix"] == pytest.approx(-0.3)
@@ -112,12 +119,12 @@ def test_describe_localisation_follows_the_numbers():
     good = _table([("stepalign_aligned", r, [(P, 0.5), (P, 0.3), (E, -2.0), (A, 0.0)]) for r in range(3)]
                   + [("refsol_independent", r, [(P, -0.5), (P, -0.4), (E, -0.45), (A, -0.3)]) for r in range(3)])
     text = describe_localisation(localisation_table(good, n_boot=50))
-    assert "StepAlignFB localises the error (AUROC > 0.5): holds" in text
+    assert "StepAlignFB localises the error token by token (AUROC > 0.5): holds" in text
     assert "StepAlignFB is non-negative on the correct prefix: holds" in text
     assert "RefSol is negative on the correct prefix (diffuse): holds" in text
     bad = good.assign(advantage=-good["advantage"])
     text = describe_localisation(localisation_table(bad, n_boot=50))
-    assert "StepAlignFB localises the error (AUROC > 0.5): does not hold" in text
+    assert "StepAlignFB localises the error token by token (AUROC > 0.5): does not hold" in text
     assert "RefSol is negative on the correct prefix (diffuse): does not hold" in text
     assert describe_localisation(pd.DataFrame()) .startswith("No erroneous rollouts")
 
@@ -233,7 +240,7 @@ def test_context_advantages_bookkeeping(solver, tokenizer):
     share a padded batch)."""
     import torch
 
-    from sd_lib.analysis import CONTEXTS, ErroneousRollout, context_advantages
+    from sd_lib.analysis import ErroneousRollout, context_advantages
     from sd_lib.config import get_config
     from sd_lib.contexts import apply_chat, build_prompts
     from sd_lib.critic import make_critic
@@ -253,11 +260,12 @@ def test_context_advantages_bookkeeping(solver, tokenizer):
         rollouts.append(ErroneousRollout(p, tuple(tokenizer(prompt, add_special_tokens=False)["input_ids"]),
                                          tuple(tokenizer(text, add_special_tokens=False)["input_ids"] + [eos]),
                                          text, parse_attempt(text).steps, wrong))
-    critics = {s: make_critic("programmatic", cfg, style=s) for s in ("aligned", "quote_error", "no_trace")}
+    critics = {s: make_critic("programmatic", cfg, style=s) for s in ("aligned", "quote_error")}
     assert [c.first_error_step for c in critics["aligned"].critique_batch(problems, [r.text for r in rollouts])] == [1, 2]
-    df = context_advantages(solver, tokenizer, rollouts, critics=critics, cfg=cfg, batch_size=2)
-    assert set(df["context"]) == set(CONTEXTS)
-    assert len(df) == len(CONTEXTS) * sum(len(r.completion_ids) for r in rollouts)
+    contexts = ("refsol_independent", "stepalign_quote_error")  # two contexts keep the test short
+    df = context_advantages(solver, tokenizer, rollouts, critics=critics, cfg=cfg, contexts=contexts, batch_size=2)
+    assert set(df["context"]) == set(contexts)
+    assert len(df) == len(contexts) * sum(len(r.completion_ids) for r in rollouts)
 
     def direct(prompt_ids, completion_ids):  # (T,) log-probs, one unpadded sequence
         ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
@@ -265,16 +273,24 @@ def test_context_advantages_bookkeeping(solver, tokenizer):
             logp = solver(ids).logits[0, len(prompt_ids) - 1:-1].log_softmax(-1)
         return logp.gather(-1, torch.tensor(completion_ids)[:, None])[:, 0]
 
-    _, teachers = build_prompts("stepalign", problems, tokenizer, cfg, critics["aligned"].critique_batch(
+    _, teachers = build_prompts("stepalign", problems, tokenizer, cfg, critics["quote_error"].critique_batch(
         problems, [r.text for r in rollouts]))
+    assert "The attempt's step 2 is wrong:" in teachers[1]
+    # Rollout 0 has the shorter completion and the shorter teacher prompt: in the batch it is
+    # padded on both sides, and the padding must not shift its positions.
+    r = rollouts[0]
+    t_ids = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in teachers]
+    assert len(r.completion_ids) < len(rollouts[1].completion_ids) and len(t_ids[0]) < len(t_ids[1])
+    g = df[(df["rollout"] == 0) & (df["context"] == "stepalign_quote_error")].sort_values("token_index")
+    student = direct(r.prompt_ids, r.completion_ids)
+    teacher = direct(t_ids[0], r.completion_ids)
+    torch.testing.assert_close(torch.tensor(g["student_logp"].to_numpy()), student.double(), atol=2e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(g["teacher_logp"].to_numpy()), teacher.double(), atol=2e-4, rtol=0)
+    assert np.allclose(g["advantage"], g["teacher_logp"] - g["student_logp"], atol=1e-6)
     for i, r in enumerate(rollouts):
-        g = df[(df["rollout"] == i) & (df["context"] == "stepalign_aligned")].sort_values("token_index")
-        student = direct(r.prompt_ids, r.completion_ids)
-        teacher = direct(tokenizer(teachers[i], add_special_tokens=False)["input_ids"], r.completion_ids)
-        torch.testing.assert_close(torch.tensor(g["student_logp"].to_numpy()), student.double(), atol=2e-4, rtol=0)
-        torch.testing.assert_close(torch.tensor(g["teacher_logp"].to_numpy()), teacher.double(), atol=2e-4, rtol=0)
-        assert np.allclose(g["advantage"], g["teacher_logp"] - g["student_logp"], atol=1e-6)
-        assert list(g["part"]) == label_tokens(tokenizer, r.completion_ids, r.text, r.steps, r.first_error_step)
+        for c in contexts:
+            g = df[(df["rollout"] == i) & (df["context"] == c)].sort_values("token_index")
+            assert list(g["part"]) == label_tokens(tokenizer, r.completion_ids, r.text, r.steps, r.first_error_step)
     assert (df[df["rollout"] == 0]["part"] != "correct_prefix").all()  # error at step 1: no prefix
 
 
