@@ -106,7 +106,7 @@ def _run_worker(args: argparse.Namespace, variant: str, n_tokens: int, repeats: 
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", variant, "--n", str(n_tokens),
            "--vocab", str(args.vocab), "--hidden", str(args.hidden), "--chunk-size", str(args.chunk_size),
            "--repeats", str(repeats)] + (["--weight-grad"] if args.weight_grad else [])
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if out.returncode != 0:
         return {"variant": variant, "n": n_tokens, "error": (out.stderr or "")[-300:] or f"rc={out.returncode}"}
     return json.loads(out.stdout.strip().splitlines()[-1])
