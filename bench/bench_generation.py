@@ -36,9 +36,7 @@ thread beside a running notebook); pass --threads 1 there.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import statistics
 import sys
 import time

@@ -55,10 +55,8 @@ thread beside a running notebook); pass --threads 1 there.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
