@@ -227,7 +227,7 @@ _CPU = dict(
     n_test=30,
     max_steps=20,
     eval_every=10,
-    save_every=5,
+    save_every=10,
     max_context_tokens=512,
     grpo_group_size=8,
 )

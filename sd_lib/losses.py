@@ -291,9 +291,11 @@ def _log_softmax_and_softmax_(logits: torch.Tensor) -> torch.Tensor:
     return probs.div_(total)
 
 
-def _chunk_divergence_and_grad(logits: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunk_divergence_and_grad(logits: torch.Tensor, beta: float, targets: torch.Tensor | None = None
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row D and dD/dz_s for one chunk; `logits` (2C, V) = [student rows; teacher rows],
-    consumed in place (the returned gradient (C, V) views one of its buffers).
+    consumed in place (the returned gradient (C, V) views one of its buffers). With `targets`
+    (C,) token ids, also returns their log-probs (2, C): [student; teacher], else None.
 
     With s = log p_s = log_softmax(z_s), g = dD/dp_s and dD/dz_s = p_s (g - sum_v p_s g):
       forward KL:  D = sum p_t (t - s),                 dD/dz_s = p_s - p_t
@@ -304,22 +306,25 @@ def _chunk_divergence_and_grad(logits: torch.Tensor, beta: float) -> tuple[torch
     """
     rows = logits.size(0) // 2
     probs = _log_softmax_and_softmax_(logits)
+    picked = None
+    if targets is not None:  # before the in-place updates below overwrite the log-probs
+        picked = logits.view(2, rows, -1).gather(-1, targets.view(1, rows, 1).expand(2, rows, 1)).squeeze(-1)
     student_logps, teacher_logps = logits[:rows], logits[rows:]
     student_probs, teacher_probs = probs[:rows], probs[rows:]
     if beta == 0.0:
         value = teacher_logps.sub_(student_logps).mul_(teacher_probs).sum(-1)
-        return value, student_probs.sub_(teacher_probs)
+        return value, student_probs.sub_(teacher_probs), picked
     if beta == 1.0:
         log_ratio = student_logps.sub_(teacher_logps)  # s - t
         value = torch.mul(student_probs, log_ratio, out=teacher_logps).sum(-1)
-        return value, log_ratio.sub_(value.unsqueeze(-1)).mul_(student_probs)
+        return value, log_ratio.sub_(value.unsqueeze(-1)).mul_(student_probs), picked
     log_m = torch.logaddexp(student_logps + math.log1p(-beta), teacher_logps + math.log(beta))
     kl_teacher = teacher_logps.sub_(log_m).mul_(teacher_probs).sum(-1)
     log_ratio = student_logps.sub_(log_m)  # s - log m
     kl_student = torch.mul(student_probs, log_ratio, out=log_m).sum(-1)
     del log_m
     value = beta * kl_teacher + (1.0 - beta) * kl_student
-    return value, log_ratio.sub_(kl_student.unsqueeze(-1)).mul_(student_probs).mul_(1.0 - beta)
+    return value, log_ratio.sub_(kl_student.unsqueeze(-1)).mul_(student_probs).mul_(1.0 - beta), picked
 
 
 class _ChunkedSDFunction(torch.autograd.Function):
@@ -327,12 +332,14 @@ class _ChunkedSDFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_hidden, teacher_hidden, weight, teacher_weight, token_weight,
-                beta, chunk_size, temperature, clip):
-        # student_hidden, teacher_hidden (N, H); weight, teacher_weight (V, H); token_weight (N,)
+                beta, chunk_size, temperature, clip, targets):
+        # student_hidden, teacher_hidden (N, H); weight, teacher_weight (V, H); token_weight (N,);
+        # targets (N,) long or None
         want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         n_rows = student_hidden.size(0)
         compute_dtype = torch.promote_types(student_hidden.dtype, torch.float32)
         per_token = torch.zeros(n_rows, dtype=compute_dtype, device=student_hidden.device)
+        target_logps = None if targets is None else per_token.new_zeros((2, n_rows))  # (2, N)
         grad_hidden = torch.zeros_like(student_hidden) if want_h else None
         grad_weight = torch.zeros_like(weight) if want_w else None
         inv_temp = 1.0 / temperature
@@ -351,7 +358,10 @@ class _ChunkedSDFunction(torch.autograd.Function):
                 logits[h_s.size(0):] = teacher_hidden[rows] @ teacher_weight.T
             if temperature != 1.0:
                 logits.mul_(inv_temp)
-            value, grad_z = _chunk_divergence_and_grad(logits, beta)  # (C,), (C, V)
+            value, grad_z, picked = _chunk_divergence_and_grad(
+                logits, beta, None if targets is None else targets[rows])  # (C,), (C, V), (2, C)
+            if picked is not None:
+                target_logps[:, rows] = picked
             del logits  # grad_z may still view part of its buffers
             scale = token_weight[rows].to(compute_dtype) * inv_temp  # d z / d(h W^T) = 1/temp
             if clip is not None:
@@ -367,16 +377,18 @@ class _ChunkedSDFunction(torch.autograd.Function):
             del grad_z
         loss = (per_token * token_weight.to(compute_dtype)).sum()  # float32 even for bf16 inputs
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.mark_non_differentiable(per_token)
-        return loss, per_token
+        if target_logps is None:
+            target_logps = per_token.new_zeros((2, 0))
+        ctx.mark_non_differentiable(per_token, target_logps)
+        return loss, per_token, target_logps
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_per_token):
+    def backward(ctx, grad_loss, _grad_per_token, _grad_target_logps):
         grad_hidden, grad_weight = ctx.saved_tensors
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # avoid a (V, H) copy at 1
             grad_hidden = None if grad_hidden is None else grad_hidden * grad_loss
             grad_weight = None if grad_weight is None else grad_weight * grad_loss
-        return grad_hidden, None, grad_weight, None, None, None, None, None, None
+        return grad_hidden, None, grad_weight, None, None, None, None, None, None, None
 
 
 def chunked_sd_loss(
@@ -393,7 +405,8 @@ def chunked_sd_loss(
     clip: float | None = None,
     teacher_weight: torch.Tensor | None = None,
     return_per_token: bool = False,
-) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    target_ids: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """L = reduce_bt D(p_t(.|h^t_bt) , p_s(.|h^s_bt)), p = softmax(h W^T / temperature), full vocab.
 
     Naive equivalent (same value and gradients, but builds (B, T, V) logits):
@@ -429,9 +442,13 @@ def chunked_sd_loss(
         clip: None or a positive per-token clamp (no gradient from clipped tokens).
         teacher_weight: (V, H) teacher output layer if it differs (default: `weight`).
         return_per_token: also return the detached (B, T) per-token values (0 where masked).
+        target_ids: (B, T) long, the sampled tokens y_bt: also return their detached log-probs
+            log p_s(y_bt) and log p_t(y_bt) (B, T) each (0 where masked), read off the chunk's
+            log-softmax for free: A_t = teacher - student, with no second pass over the head.
 
     Returns:
-        loss (scalar), or (loss, per_token (B, T)) if `return_per_token`.
+        loss (scalar); then per_token (B, T) if `return_per_token`; then
+        (student_logps, teacher_logps) if `target_ids` is given.
     """
     if divergence not in _DIVERGENCES:
         raise ValueError(f"unknown divergence={divergence!r}; expected one of {_DIVERGENCES}")
@@ -457,11 +474,22 @@ def chunked_sd_loss(
     token_weight = _token_weights(completion_mask, reduction).reshape(-1)[valid]  # (N,)
     h_s = student_hidden.reshape(-1, hidden)[valid]  # (N, H)
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.size(-1))[valid]  # (N, H)
-    loss, values = _ChunkedSDFunction.apply(h_s, h_t, weight, teacher_weight.detach(),
-                                            token_weight.detach(), beta, chunk_size,
-                                            float(temperature), clip)
-    if not return_per_token:
-        return loss
-    per_token = values.new_zeros(batch * length)
-    per_token[valid] = values
-    return loss, per_token.view(batch, length)  # (B, T)
+    targets = None
+    if target_ids is not None:
+        if target_ids.shape != (batch, length):
+            raise ValueError(f"target_ids {tuple(target_ids.shape)} must match completion_mask "
+                             f"{tuple(completion_mask.shape)}")
+        targets = target_ids.reshape(-1)[valid]  # (N,)
+    loss, values, picked = _ChunkedSDFunction.apply(h_s, h_t, weight, teacher_weight.detach(),
+                                                    token_weight.detach(), beta, chunk_size,
+                                                    float(temperature), clip, targets)
+    out = [loss]
+    if return_per_token:
+        per_token = values.new_zeros(batch * length)
+        per_token[valid] = values
+        out.append(per_token.view(batch, length))  # (B, T)
+    if target_ids is not None:
+        full = picked.new_zeros((2, batch * length))
+        full[:, valid] = picked
+        out += [full[0].view(batch, length), full[1].view(batch, length)]  # (B, T) each
+    return out[0] if len(out) == 1 else tuple(out)

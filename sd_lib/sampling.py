@@ -9,6 +9,14 @@ computed once. Samples of one prompt are contiguous: sample j of prompt i is row
 Completions stop at EOS or the chat's end-of-turn token (`<|im_end|>` and the like); the stop
 token is kept, nothing after it.
 
+Two things make the loop about twice as fast on CPU as the plain one (`bench/bench_generation.py`):
+- grouped-query attention without copies: transformers' `sdpa` path repeats every layer's K/V
+  cache to the query-head count at each step whenever an attention mask is passed (always, with
+  left padding); while sampling, the model's attention is switched to `sd_lib_sdpa_gqa`, the
+  same SDPA call with `enable_gqa=True` (bit-identical outputs, no copy);
+- inverse-CDF sampling (one cumsum and one uniform per row) instead of `torch.multinomial`,
+  which draws an exponential variate for every vocabulary entry of every row.
+
 Departures from the paper:
 1. The paper generates with vLLM (paged attention, prefix caching); this is a plain PyTorch
    decoding loop over a Hugging Face model and `DynamicCache`: the same distribution, slower.
@@ -19,8 +27,9 @@ from __future__ import annotations
 import math
 import numbers
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -106,12 +115,61 @@ def _common_prefix_len(seqs: list[list[int]]) -> int:
     return max(n, 0)
 
 
+GQA_ATTENTION = "sd_lib_sdpa_gqa"
+
+
+def _sdpa_gqa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, dropout: float = 0.0,
+                        scaling: float | None = None, is_causal: bool | None = None,
+                        **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-interface signature: query (B, Hq, Q, D), key/value (B, Hkv, K, D)
+    -> (B, Q, Hq, D). `scaled_dot_product_attention` with `enable_gqa` (Hq a multiple of Hkv),
+    so the K/V heads are broadcast, not copied. Only for models without position bias."""
+    if attention_mask is not None:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+    causal = bool(query.shape[2] > 1 and attention_mask is None and causal)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling,
+        is_causal=causal, enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_gqa_attention() -> bool:
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    except ImportError:  # an older transformers: keep its own attention
+        return False
+    AttentionInterface.register(GQA_ATTENTION, _sdpa_gqa_attention)
+    AttentionMaskInterface.register(GQA_ATTENTION, sdpa_mask)
+    return True
+
+
+@contextmanager
+def gqa_attention(model: Any) -> Iterator[None]:
+    """Within the block, a model on transformers' `sdpa` attention uses `sd_lib_sdpa_gqa`
+    (same maths, K/V heads broadcast instead of repeated); any other attention is left alone."""
+    config = getattr(model, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current != "sdpa" or not _register_gqa_attention():
+        yield
+        return
+    config._attn_implementation = GQA_ATTENTION
+    try:
+        yield
+    finally:
+        config._attn_implementation = current
+
+
 def _next_tokens(logits: torch.Tensor, *, temperature: float, top_p: float,
                  generator: torch.Generator | None) -> torch.Tensor:
     """Sample one token per row from softmax(logits / temperature), nucleus `top_p`.
 
     logits: (B, V). Returns (B,) long. Naive equivalent: `Categorical(logits=l / T).sample()`
     after zeroing the tokens outside the smallest set whose probability reaches `top_p`.
+    Sampled by inverse CDF: the first token whose cumulative probability exceeds u * total,
+    u ~ U[0, 1) (tokens of probability 0 are never chosen).
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -121,7 +179,14 @@ def _next_tokens(logits: torch.Tensor, *, temperature: float, top_p: float,
         outside = sorted_p.cumsum(dim=-1) - sorted_p >= top_p  # mass before the token >= top_p
         sorted_p = sorted_p.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, sorted_i, sorted_p)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = probs.cumsum_(dim=-1)  # (B, V), in place: probs is not needed again
+    u = torch.rand((cdf.size(0), 1), generator=generator, device=cdf.device, dtype=cdf.dtype)  # (B, 1)
+    tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # (B,)
+    over = tokens >= cdf.size(-1)  # u * total rounded up to total: take the last token with mass
+    if over.any():
+        last = (cdf[over] < cdf[over, -1:]).sum(-1)  # index of the last increase of the CDF
+        tokens[over] = last.clamp(max=cdf.size(-1) - 1)
+    return tokens
 
 
 @torch.inference_mode()
@@ -135,6 +200,15 @@ def _sample_batch(model: Any, seqs: list[list[int]], *, temperature: float, top_
     that skip the padding, so every row sees exactly its own prompt. Finished rows are dropped
     from the cache as they accumulate.
     """
+    with gqa_attention(model):
+        return _decode(model, seqs, temperature=temperature, top_p=top_p,
+                       max_new_tokens=max_new_tokens, stop_ids=stop_ids, pad_id=pad_id,
+                       generator=generator, device=device)
+
+
+def _decode(model: Any, seqs: list[list[int]], *, temperature: float, top_p: float,
+            max_new_tokens: int, stop_ids: set[int], pad_id: int,
+            generator: torch.Generator | None, device: torch.device) -> list[list[int]]:
     from transformers import DynamicCache
 
     B = len(seqs)
@@ -146,14 +220,17 @@ def _sample_batch(model: Any, seqs: list[list[int]], *, temperature: float, top_
         cache.batch_repeat_interleave(B)
     S = max(len(q) for q in seqs) - L
     suffix = torch.full((B, S), pad_id, dtype=torch.long)  # (B, S)
-    mask = torch.ones((B, L + S), dtype=torch.long)  # (B, L + S)
+    # the attention mask of the whole decode, allocated once; step n uses its first L + S + n columns
+    full_mask = torch.ones((B, L + S + max_new_tokens), dtype=torch.long)  # (B, L + S + N)
+    mask = full_mask[:, :L + S]  # (B, L + S)
     pos = torch.zeros((B, S), dtype=torch.long)  # (B, S)
     for j, q in enumerate(seqs):
         n = len(q) - L
         suffix[j, S - n:] = torch.tensor(q[L:])
         mask[j, L:L + S - n] = 0
         pos[j, S - n:] = torch.arange(L, len(q))
-    suffix, mask, pos = suffix.to(device), mask.to(device), pos.to(device)
+    suffix, full_mask, pos = suffix.to(device), full_mask.to(device), pos.to(device)
+    mask = full_mask[:, :L + S]
     logits = model(input_ids=suffix, attention_mask=mask, position_ids=pos, past_key_values=cache,
                    use_cache=True, logits_to_keep=1).logits[:, -1]  # (B, V)
     next_pos = pos[:, -1] + 1  # (B,)
@@ -176,10 +253,10 @@ def _sample_batch(model: Any, seqs: list[list[int]], *, temperature: float, top_
             keep = [j for j, a in enumerate(active) if a >= 0]
             idx = torch.tensor(keep, device=device)
             cache.batch_select_indices(idx)
-            tokens, mask, next_pos = tokens[idx], mask[idx], next_pos[idx]
+            tokens, full_mask, next_pos = tokens[idx], full_mask[idx], next_pos[idx]
             active = [active[j] for j in keep]
             finished_in_batch = 0
-        mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)  # (B', L + S + step + 1)
+        mask = full_mask[:, :L + S + step + 1]  # (B', L + S + step + 1): the new token is real
         logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos[:, None],
                        past_key_values=cache, use_cache=True).logits[:, -1]  # (B', V)
         next_pos = next_pos + 1

@@ -274,17 +274,6 @@ def _tokenize(tokenizer, texts: list[str]) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def _hidden_logps(hidden: torch.Tensor, weight: torch.Tensor, ids: torch.Tensor, *, chunk: int = 256) -> torch.Tensor:
-    """log softmax(h W^T)[y] chunk by chunk without a (B, T, V) tensor; (B, T, H) -> (B, T)."""
-    flat_h = hidden.reshape(-1, hidden.size(-1))  # (B*T, H)
-    flat_y = ids.reshape(-1)  # (B*T,)
-    out = torch.empty(flat_y.shape, dtype=torch.float32, device=hidden.device)
-    for s in range(0, flat_h.size(0), chunk):
-        logits = flat_h[s : s + chunk].float() @ weight.float().T  # (C, V)
-        out[s : s + chunk] = logits.gather(-1, flat_y[s : s + chunk, None]).squeeze(-1) - logits.logsumexp(-1)
-    return out.view(ids.shape)  # (B, T)
-
-
 def sd_micro_step(model, cfg: SDConfig, *, student_ids, teacher_ids, completion_ids, weights, pad_id, norm: float, ema=None):
     """Self-distillation loss on one micro-batch, backward included; returns metric sums.
 
@@ -296,12 +285,13 @@ def sd_micro_step(model, cfg: SDConfig, *, student_ids, teacher_ids, completion_
     student, teacher = pack_student_teacher(student_ids, teacher_ids, completion_ids, pad_token_id=pad_id, device=device)
     mask = student.completion_mask * torch.as_tensor(weights, dtype=torch.float32, device=device)[:, None]  # (B, T)
     s_h, t_h, weight, _ = student_teacher_hidden(model, student, teacher, teacher_kind=cfg.teacher_kind, ema=ema)
+    ids = student.completion_ids  # (B, T)
     if cfg.divergence == "sampled_token" or cfg.support != "full":
         student_logits = s_h @ weight.T  # (B, T, V): the naive path, for options the chunked one lacks
         teacher_logits = (t_h @ weight.T).detach()
+        s_lp = student_logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)  # (B, T)
+        t_lp = teacher_logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)  # (B, T)
         if cfg.divergence == "sampled_token":
-            s_lp = student_logits.log_softmax(-1).gather(-1, student.completion_ids[..., None]).squeeze(-1)
-            t_lp = teacher_logits.log_softmax(-1).gather(-1, student.completion_ids[..., None]).squeeze(-1)
             per_token = sampled_token_loss(s_lp, t_lp, clip=cfg.token_clip)
         else:
             beta = {"forward_kl": 0.0, "reverse_kl": 1.0, "jsd": cfg.jsd_beta}[cfg.divergence]
@@ -310,22 +300,19 @@ def sd_micro_step(model, cfg: SDConfig, *, student_ids, teacher_ids, completion_
                 tail=cfg.topk_tail, clip=cfg.token_clip,
             )
         loss = (per_token * mask).sum() / norm
-        per_token = per_token.detach()
-    else:
-        loss_sum, per_token = chunked_sd_loss(
+        per_token, s_lp = per_token.detach(), s_lp.detach()
+    else:  # s_lp, t_lp come out of the loss's own log-softmax: no second pass over the head
+        loss_sum, per_token, s_lp, t_lp = chunked_sd_loss(
             s_h, t_h, weight, mask, divergence=cfg.divergence, beta=cfg.jsd_beta, chunk_size=cfg.chunk_size,
-            reduction="sum", clip=cfg.token_clip, return_per_token=True,
+            reduction="sum", clip=cfg.token_clip, return_per_token=True, target_ids=ids,
         )
         loss = loss_sum / norm
     loss.backward()
-    with torch.no_grad():
-        adv = token_advantages(
-            _hidden_logps(t_h, weight, student.completion_ids), _hidden_logps(s_h.detach(), weight, student.completion_ids), mask
-        )
+    adv = token_advantages(t_lp, s_lp, mask)  # (B, T)
     return {"loss": float(loss.item()) * norm, "div": float((per_token * mask).sum()), "adv": float(adv.sum()), "tokens": float(mask.sum())}
 
 
-def grpo_micro_step(model, cfg: SDConfig, *, prompt_ids, completion_ids, advantages, pad_id, n_global: int, tok_global: float, ema=None):
+def grpo_micro_step(model, cfg: SDConfig, *, prompt_ids, completion_ids, advantages, pad_id, n_global: int, tok_global: float):
     """GRPO loss on one micro-batch (on-policy: one update, so pi_old = pi detached)."""
     device = next(model.parameters()).device
     batch = pack_batch(prompt_ids, completion_ids, pad_token_id=pad_id, device=device)

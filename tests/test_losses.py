@@ -194,6 +194,33 @@ def test_chunked_teacher_and_frozen_weight_get_no_gradient():
                                chunked_sd_loss(h_s, h_t, weight, mask), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_chunked_target_logps_match_log_softmax_gather(divergence):
+    """Checks the sampled-token log-probs chunked_sd_loss returns with `target_ids` against
+    log_softmax(h W^T)[y] of student and teacher (0 where masked), and that asking for them
+    changes neither the loss nor the gradient."""
+    torch.manual_seed(1)
+    batch, length, hidden, vocab = 2, 5, 8, 30
+    h_s = torch.randn(batch, length, hidden, requires_grad=True)
+    h_t = torch.randn(batch, length, hidden)
+    weight = torch.randn(vocab, hidden)
+    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0, 1.0]])
+    ids = torch.randint(0, vocab, (batch, length))
+    loss, s_lp, t_lp = chunked_sd_loss(h_s, h_t, weight, mask, divergence=divergence, chunk_size=3,
+                                       target_ids=ids)
+    (grad,) = torch.autograd.grad(loss, h_s)
+    want_s = (h_s @ weight.T).log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1) * mask
+    want_t = (h_t @ weight.T).log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1) * mask
+    torch.testing.assert_close(s_lp, want_s.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(t_lp, want_t, atol=1e-5, rtol=1e-5)
+    plain = chunked_sd_loss(h_s, h_t, weight, mask, divergence=divergence, chunk_size=3)
+    (plain_grad,) = torch.autograd.grad(plain, h_s)
+    torch.testing.assert_close(loss, plain)
+    torch.testing.assert_close(grad, plain_grad)
+    with pytest.raises(ValueError, match="target_ids"):
+        chunked_sd_loss(h_s, h_t, weight, mask, target_ids=ids[:, :2])
+
+
 # ------------------------------------------------------------------ unsupported combinations
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(top_k=3), "top_k=3 with support='full'"),
