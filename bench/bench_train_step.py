@@ -78,7 +78,7 @@ MISMATCHES = [
     "(compared, not removable)",
     "problems per step: each trainer draws its own (TRL's RepeatSampler shuffle vs sd_lib's seeded stream) from "
     "the same pool, and sampling RNG streams differ, so completion lengths differ: compare tokens/s, not seconds",
-    "per-step extras: sd_lib also computes per-token advantages (two chunked lm_head passes, no grad) and parses "
+    "per-step extras: sd_lib also logs per-token advantages (read off the loss's own log-softmax) and parses "
     "every rollout; TRL computes reward diagnostics and gathers; both score rewards with the same check_answer",
 ]
 

@@ -11,7 +11,8 @@
 # - **Reads**: `runs/<profile>/<condition>-seed<seed>/` (`eval/step_*.json`, `metrics.jsonl`,
 #   `checkpoints/step_*/adapter`), `<results_dir>/base_eval.json`.
 # - **Writes**: missing `eval/step_*.json` and `base_eval.json`, `<results_dir>/eval.json`,
-#   `<results_dir>/eval_table.md`, `<figures_dir>/avg_vs_step.png`, `curves_<condition>.png`,
+#   `<results_dir>/eval_table.md`, `<results_dir>/runs/<condition>/` (config, metrics and
+#   evaluations of each run), `<figures_dir>/avg_vs_step.png`, `curves_<condition>.png`,
 #   and (not for the smoke profile) the README sections `eval_table` and `paper_comparison`.
 # - **Prerequisites**: the training notebooks (runs that do not exist yet are left out of the tables).
 
@@ -24,8 +25,8 @@ from sd_lib.config import CONDITIONS, get_config, resolve_path
 from sd_lib.evaluation import write_json
 from sd_lib.plots import plot_avg_vs_step, plot_training_curves
 from sd_lib.report import (best_table, best_table_md, build_report, comparison_md, comparison_table, describe_gaps,
-                           eval_markdown, evaluate_missing, last_table, last_table_md, load_eval_results,
-                           missing_evaluations, update_readme)
+                           eval_markdown, evaluate_missing, export_runs, last_table, last_table_md,
+                           load_eval_results, missing_evaluations, update_readme)
 from sd_lib.train import read_metrics, run_dir_for
 
 # %% tags=["parameters"]
@@ -89,6 +90,8 @@ print(describe_gaps(best))
 # %%
 write_json(build_report(results, cfg), results_dir / "eval.json")
 (results_dir / "eval_table.md").write_text(eval_markdown(results, cfg))
+exported = export_runs(cfg)  # config, per-step metrics and evaluations of each run, no checkpoints
+print("exported", [str(p.relative_to(results_dir)) for p in exported])
 if write_readme:
     changed = update_readme({"eval_table": best_table_md(best, cfg=cfg) + "\n\n" + last_table_md(last, cfg=cfg),
                              "paper_comparison": comparison_md(comparison_table(best), cfg=cfg, k=k)})

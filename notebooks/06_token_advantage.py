@@ -13,7 +13,8 @@
 #   generated arithmetic training problems.
 # - **Writes**: `<results_dir>/advantage.json` (per-context and per-rollout statistics, the
 #   generated summary), `<results_dir>/advantage_tokens.parquet` (every token's A_t),
-#   `<figures_dir>/token_advantage_rollout.png`, `advantage_by_part.png`, `advantage_ablation.png`.
+#   `<figures_dir>/token_advantage_rollout.png`, `advantage_by_part.png`, `advantage_ablation.png`,
+#   and (not for the smoke profile) the README section `advantage_table`.
 # - **Prerequisites**: none beyond the installed package (the warm-up is cached on first use).
 
 # %%
@@ -26,6 +27,7 @@ from sd_lib.critic import STYLES, make_critic
 from sd_lib.evaluation import write_json
 from sd_lib.plots import plot_advantage_ablation, plot_advantage_by_part, plot_token_advantages, token_html
 from sd_lib.problems import load_splits
+from sd_lib.report import advantage_markdown, update_readme
 from sd_lib.warmup import load_starting_solver
 
 # %% tags=["parameters"]
@@ -35,6 +37,7 @@ N_PROBLEMS = 64  # training problems to sample rollouts on (at most the profile'
 K = 4  # rollouts sampled per problem
 N_ROLLOUTS = 48  # erroneous rollouts kept (at most)
 N_BOOT = 1000  # bootstrap resamples (over rollouts) for the CIs
+UPDATE_README = True  # write the table into README.md's marked section (never for the smoke profile)
 
 # %%
 cfg = get_config(PROFILE, seed=SEED)
@@ -106,7 +109,11 @@ for context in ("refsol_independent", "stepalign_aligned"):
 
 # %%
 tokens.to_parquet(results_dir / "advantage_tokens.parquet", index=False)
-write_json(advantage_summary(tokens, table, profile=cfg.profile, seed=cfg.seed, n_problems=len(problems), k=K,
-                             n_sampled=len(problems) * K, n_erroneous=len(rollouts), example_rollout=rollout),
-           results_dir / "advantage.json")
+summary = advantage_summary(tokens, table, profile=cfg.profile, seed=cfg.seed, n_problems=len(problems), k=K,
+                            n_sampled=len(problems) * K, n_erroneous=len(rollouts), example_rollout=rollout)
+write_json(summary, results_dir / "advantage.json")
 display(Markdown(f"Wrote `{results_dir / 'advantage.json'}` and `advantage_tokens.parquet`."))
+display(Markdown(advantage_markdown(summary)))
+if UPDATE_README and PROFILE != "smoke":
+    print("README.md updated" if update_readme("advantage_table", advantage_markdown(summary))
+          else "README.md already up to date")

@@ -114,17 +114,29 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         else tokenizer.eos_token
     del src
 
+    return save_model_atomically(model, tokenizer, out_dir, marker=_MARKER,
+                                 marker_content={"gguf": str(gguf_path), "gguf_bytes": gguf_path.stat().st_size})
+
+
+def save_model_atomically(model: Any, tokenizer: Any, out_dir: str | os.PathLike, *, marker: str,
+                          marker_content: dict) -> Path:
+    """`save_pretrained` model and tokenizer into `out_dir` plus a `marker` JSON file, all or nothing.
+
+    Written under a temporary name next to `out_dir` and renamed into place: an interrupted
+    save never leaves a half-written folder (the marker's presence means complete). If another
+    process renamed its copy first (a lost race), that copy is kept. Returns `out_dir`.
+    """
+    out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps(
-            {"gguf": str(gguf_path), "gguf_bytes": gguf_path.stat().st_size}, indent=1))
+        (tmp / marker).write_text(json.dumps(marker_content, indent=1))
         try:
             os.rename(tmp, out_dir)
         except OSError:
-            if not (out_dir / _MARKER).is_file():  # not a lost race: a real failure
+            if not (out_dir / marker).is_file():  # not a lost race: a real failure
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

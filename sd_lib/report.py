@@ -60,6 +60,7 @@ __all__ = [
     "update_readme",
     "missing_evaluations",
     "evaluate_missing",
+    "export_runs",
 ]
 
 METRICS = ("pass@k", "maj@k", "avg@k", "mean_length")
@@ -109,10 +110,17 @@ def _eval_rows(d: dict, where: str) -> list[dict]:
     return rows
 
 
+def _shown(path: Path) -> str:
+    """A file's path as results record it: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
+
+
 def load_eval_results(cfg, *, conditions=CONDITIONS, seed: int | None = None, base_eval=None) -> pd.DataFrame:
     """Every eval of every run of `cfg`'s profile and seed, in long form.
 
-    Columns: condition, step, metric, mean, ci_low, ci_high, k, n_problems, path. The base
+    Columns: condition, step, metric, mean, ci_low, ci_high, k, n_problems, path (relative to the
+    repository when inside it). The base
     solver's `<results_dir>/base_eval.json` (or `base_eval`) appears once per condition as
     step 0 and once as condition ``base``. Conditions without a run folder are left out.
     """
@@ -121,15 +129,15 @@ def load_eval_results(cfg, *, conditions=CONDITIONS, seed: int | None = None, ba
     seed = cfg.seed if seed is None else seed
     base_path = Path(base_eval) if base_eval is not None else resolve_path(cfg.results_dir) / "base_eval.json"
     base_rows = read_eval(base_path) if base_path.exists() else []
-    rows = [{"condition": "base", "step": 0, **r, "path": str(base_path)} for r in base_rows]
+    rows = [{"condition": "base", "step": 0, **r, "path": _shown(base_path)} for r in base_rows]
     for condition in conditions:
         run_dir = run_dir_for(replace(cfg, condition=condition, seed=seed))
         files = eval_files(run_dir)
         if not files:
             continue
-        rows += [{"condition": condition, "step": 0, **r, "path": str(base_path)} for r in base_rows]
+        rows += [{"condition": condition, "step": 0, **r, "path": _shown(base_path)} for r in base_rows]
         for step, path in files.items():
-            rows += [{"condition": condition, "step": step, **r, "path": str(path)} for r in read_eval(path)]
+            rows += [{"condition": condition, "step": step, **r, "path": _shown(path)} for r in read_eval(path)]
     cols = ["condition", "step", "metric", "mean", "ci_low", "ci_high", "k", "n_problems", "path"]
     return pd.DataFrame(rows, columns=cols)
 
@@ -524,12 +532,41 @@ def advantage_markdown(advantage: dict) -> str:
 
     rows = [
         [r.get("label", r["context"]), ci(r, "mean_correct_prefix", "+.3f"), ci(r, "mean_first_error", "+.3f"),
-         ci(r, "mean_after_error", "+.3f"), ci(r, "auroc", ".2f"), ci(r, "error_abs_share", ".2f")]
+         ci(r, "mean_after_error", "+.3f"), ci(r, "auroc", ".2f"), ci(r, "step_auroc", ".2f"),
+         ci(r, "error_abs_share", ".2f")]
         for r in advantage["contexts"]
     ]
     header = ["teacher context", "mean A_t, correct prefix", "mean A_t, first error", "mean A_t, after error",
-              "AUROC (-A_t: error vs prefix)", "share of |A_t| on the error"]
+              "token AUROC (-A_t: error vs prefix)", "step AUROC (-sum A_t)", "share of |A_t| on the error"]
     caption = (f"*Per-token advantages on {advantage.get('n_erroneous', '?')} erroneous rollouts of the warmed-up solver "
                f"(of {advantage.get('n_sampled', '?')} sampled), profile `{advantage.get('profile')}`, seed "
                f"{advantage.get('seed')}; 95% bootstrap CIs over rollouts. Generated from `advantage.json`.*")
-    return "\n".join([markdown_table(rows, header, align=["l"] + ["r"] * 5), "", caption, "", advantage.get("summary", "")])
+    return "\n".join([markdown_table(rows, header, align=["l"] + ["r"] * 6), "", caption, "", advantage.get("summary", "")])
+
+
+def export_runs(cfg, *, conditions=CONDITIONS, dest=None) -> list[Path]:
+    """Copy what a reader needs of each run (config.json, metrics.jsonl, eval/step_*.json; no
+    checkpoints) from `runs/<profile>/<condition>-seed<seed>/` to `dest/<condition>/` (default
+    `<results_dir>/runs`), replacing what was there, so the committed results carry the
+    per-step metrics and every evaluation behind the tables. Runs that do not exist are skipped;
+    returns the folders written."""
+    import shutil
+
+    dest = Path(dest) if dest is not None else resolve_path(cfg.results_dir) / "runs"
+    written = []
+    for condition in conditions:
+        _, run_dir = _run_config(cfg, condition)
+        files = [run_dir / "config.json", run_dir / "metrics.jsonl", *sorted((run_dir / "eval").glob("step_*.json"))]
+        files = [f for f in files if f.exists()]
+        if not files:
+            continue
+        out = dest / condition
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for f in files:
+            shutil.copy2(f, tmp / f.name)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+        written.append(out)
+    return written

@@ -11,6 +11,10 @@ inputs are its own source, the sd_lib sources, the parameters and the stamps of 
 notebook before it. So a re-run after an interruption continues where it stopped (and the
 training notebooks resume from their last checkpoint). A failing notebook stops the run
 with the notebook and cell named.
+
+When every notebook is done, `<results_dir>/run_info.json` records how the results were made
+(profile, seed, commit, machine, torch, each notebook's wall time from its stamp) and, for
+profiles other than smoke, the README's `run_info` section is generated from it.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
+import platform
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +50,11 @@ def library_digest() -> str:
     return _digest(*(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() for f in files))
 
 
+def _show(path: Path) -> Path:
+    """A path relative to the repository when it lies inside it."""
+    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+
+
 def notebook_paths(only=None) -> list[Path]:
     paths = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
     if only:
@@ -58,6 +70,7 @@ def run_notebook(src: Path, *, parameters: dict, out_dir: Path, kernel: str = "p
     ipynb = BUILD / "notebooks" / (src.stem + ".ipynb")
     ipynb.parent.mkdir(parents=True, exist_ok=True)
     jupytext.write(jupytext.read(src), ipynb)
+    out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / (src.stem + ".ipynb")
     try:
         pm.execute_notebook(
@@ -70,6 +83,64 @@ def run_notebook(src: Path, *, parameters: dict, out_dir: Path, kernel: str = "p
             f"executed copy with the traceback: {out}"
         ) from None
     return out
+
+
+def run_info(profile: str, seed: int, *, stamps_dir: Path | None = None) -> dict:
+    """How a reproduction was made: profile, seed, commit, machine, torch, and per notebook the
+    wall time and finish time of its last successful run (from `build/stamps/<profile>-seed<seed>/`)."""
+    import torch
+
+    stamps_dir = Path(stamps_dir) if stamps_dir is not None else BUILD / "stamps" / f"{profile}-seed{seed}"
+    notebooks = {}
+    for stamp in sorted(stamps_dir.glob("[0-9][0-9]_*.json")):
+        d = json.loads(stamp.read_text())
+        notebooks[stamp.stem] = {"seconds": d.get("seconds"), "finished": d.get("finished")}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                                    capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        commit, dirty = None, None
+    return {
+        "profile": profile,
+        "seed": seed,
+        "commit": commit,
+        "dirty": dirty,
+        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} CPU cores",
+        "torch": torch.__version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "torch_threads": torch.get_num_threads(),
+        "notebooks": notebooks,
+        "total_seconds": round(sum(n["seconds"] or 0.0 for n in notebooks.values()), 1),
+    }
+
+
+def run_info_markdown(info: dict) -> str:
+    """The README's `run_info` section, generated from `run_info.json`."""
+    from .report import markdown_table
+
+    rows = [[name, f"{n['seconds']:.0f}", n["finished"]] for name, n in info["notebooks"].items()]
+    rows.append(["total", f"{info['total_seconds']:.0f} ({info['total_seconds'] / 60:.1f} min)", ""])
+    commit = f"commit `{info['commit']}`" + (" (with uncommitted changes)" if info.get("dirty") else "")
+    text = (f"The committed `results/` and `figures/` come from `make reproduce PROFILE={info['profile']} "
+            f"SEED={info['seed']}` at {commit} on {info['machine']}, torch {info['torch']} "
+            f"({info['device']}, {info['torch_threads']} threads). Wall time of each notebook's last "
+            f"successful run (papermill, from `build/stamps/`), recorded in `results/run_info.json`:")
+    if info.get("note"):
+        text += "\n\n" + info["note"]
+    return text + "\n\n" + markdown_table(rows, ["notebook", "seconds", "finished (UTC)"], align=["l", "r", "l"])
+
+
+def write_run_info(profile: str, seed: int, *, results_dir: Path, update_readme: bool) -> Path:
+    from .evaluation import write_json
+    from .report import update_readme as _update
+
+    info = run_info(profile, seed)
+    path = write_json(info, Path(results_dir) / "run_info.json")
+    if update_readme:
+        _update("run_info", run_info_markdown(info))
+    return path
 
 
 def main(argv=None) -> int:
@@ -106,7 +177,14 @@ def main(argv=None) -> int:
             stamp.write_text(json.dumps({"key": key, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": timings[src.name]}))
             print(f"[reproduce] {src.name}: done in {timings[src.name]} s", flush=True)
         upstream += key.encode()
-    print(f"[reproduce] all notebooks done for {tag}; executed copies in {out_dir.relative_to(ROOT)}", flush=True)
+    print(f"[reproduce] all notebooks done for {tag}; executed copies in {_show(out_dir)}", flush=True)
+    if not args.only:
+        from .config import get_config, resolve_path
+
+        results_dir = resolve_path(get_config(args.profile, seed=args.seed).results_dir)
+        path = write_run_info(args.profile, args.seed, results_dir=results_dir,
+                              update_readme=args.profile != "smoke")
+        print(f"[reproduce] wrote {_show(path)}", flush=True)
     return 0
 
 

@@ -15,7 +15,9 @@ Two things make the loop about twice as fast on CPU as the plain one (`bench/ben
   left padding); while sampling, the model's attention is switched to `sd_lib_sdpa_gqa`, the
   same SDPA call with `enable_gqa=True` (bit-identical outputs, no copy);
 - inverse-CDF sampling (one cumsum and one uniform per row) instead of `torch.multinomial`,
-  which draws an exponential variate for every vocabulary entry of every row.
+  which draws an exponential variate for every vocabulary entry of every row;
+- a KV cache whose layers write each new token into preallocated buffers
+  (`PreallocatedLayer`) instead of `torch.cat`-ing the whole cache at every step.
 
 Departures from the paper:
 1. The paper generates with vLLM (paged attention, prefix caching); this is a plain PyTorch
@@ -34,7 +36,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["Rollouts", "generate", "stop_token_ids"]
+__all__ = ["Rollouts", "generate", "gqa_attention", "preallocated_cache", "stop_token_ids"]
 
 # End-of-turn tokens of common chat templates; used when present in the vocabulary.
 _CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -116,6 +118,74 @@ def _common_prefix_len(seqs: list[list[int]]) -> int:
 
 
 GQA_ATTENTION = "sd_lib_sdpa_gqa"
+
+
+def _preallocated_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A `DynamicLayer` whose keys/values (B, H, S, D) are views of buffers with room for
+        `capacity` positions (doubled if outgrown): appending a token writes one slot, where
+        `DynamicLayer` copies the whole layer cache with `torch.cat` at every decoding step."""
+
+        def __init__(self, capacity: int = 0, **kwargs):
+            super().__init__(**kwargs)
+            self.capacity, self.length = capacity, 0
+            self.key_buffer = self.value_buffer = None
+
+        def _views(self) -> tuple[torch.Tensor, torch.Tensor]:
+            self.keys = self.key_buffer[:, :, :self.length]
+            self.values = self.value_buffer[:, :, :self.length]
+            return self.keys, self.values
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if self.key_buffer is None or end > self.key_buffer.shape[-2]:
+                room = max(end, self.capacity, 2 * (0 if self.key_buffer is None else self.key_buffer.shape[-2]))
+                grown = []
+                for old, new in ((self.key_buffer, key_states), (self.value_buffer, value_states)):
+                    buf = new.new_empty((*new.shape[:2], room, new.shape[-1]))  # (B, H, room, D)
+                    if old is not None:
+                        buf[:, :, :self.length] = old[:, :, :self.length]
+                    grown.append(buf)
+                self.key_buffer, self.value_buffer = grown
+            self.key_buffer[:, :, self.length:end] = key_states
+            self.value_buffer[:, :, self.length:end] = value_states
+            self.length = end
+            return self._views()
+
+        def batch_repeat_interleave(self, repeats: int) -> None:
+            if self.length > 0:
+                self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+                self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+                self._views()
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if self.length > 0:
+                self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+                self._views()
+
+        def crop(self, tokens_to_remove: int) -> None:
+            raise NotImplementedError("PreallocatedLayer is sd_lib's sampling cache: it does not crop")
+
+    return PreallocatedLayer
+
+
+def preallocated_cache(model: Any, capacity: int):
+    """A `DynamicCache` for `model` whose full-attention layers are `PreallocatedLayer`s with room
+    for `capacity` positions (prompt + new tokens); sliding-window or other layer kinds keep
+    transformers' own classes."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.config)
+    layer_class = _preallocated_layer_class()
+    cache.layers = [layer_class(capacity=capacity) if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    return cache
 
 
 def _sdpa_gqa_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -209,11 +279,9 @@ def _sample_batch(model: Any, seqs: list[list[int]], *, temperature: float, top_
 def _decode(model: Any, seqs: list[list[int]], *, temperature: float, top_p: float,
             max_new_tokens: int, stop_ids: set[int], pad_id: int,
             generator: torch.Generator | None, device: torch.device) -> list[list[int]]:
-    from transformers import DynamicCache
-
     B = len(seqs)
     L = _common_prefix_len(seqs)
-    cache = DynamicCache(config=model.config)
+    cache = preallocated_cache(model, max(len(q) for q in seqs) + max_new_tokens)
     if L > 0:
         model(input_ids=torch.tensor([seqs[0][:L]], device=device), past_key_values=cache,
               use_cache=True, logits_to_keep=1)

@@ -45,7 +45,6 @@ from .advantages import group_advantages, token_advantages
 from .alignment import (
     EmaAdapter,
     completion_logps,
-    output_weight,
     pack_batch,
     pack_student_teacher,
     student_teacher_hidden,
@@ -57,7 +56,7 @@ from .losses import chunked_sd_loss, per_token_divergence, sampled_token_loss
 from .problems import load_splits
 from .stepformat import check_answer, parse_attempt
 
-__all__ = ["train", "run_dir_for", "latest_checkpoint", "main"]
+__all__ = ["train", "run_dir_for", "latest_checkpoint", "check_resumable", "main"]
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -205,6 +204,30 @@ def read_metrics(run_dir) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+# fields that may change between a run and its resumption: how long it runs, where and how it reports
+RESUMABLE_FIELDS = frozenset({"max_steps", "epochs", "eval_every", "save_every", "report_to", "runs_dir",
+                              "results_dir", "figures_dir", "critic_timeout_s", "critic_max_retries",
+                              "critic_concurrency", "gen_batch_size"})
+
+
+def check_resumable(run_dir: Path, cfg: SDConfig) -> None:
+    """Raise ValueError if `run_dir` holds a checkpoint of a run with another configuration.
+
+    A resumed run must continue the same experiment: every field except those in
+    `RESUMABLE_FIELDS` must equal the saved `config.json`. The error names the fields."""
+    saved_path = run_dir / "config.json"
+    if latest_checkpoint(run_dir) is None or not saved_path.exists():
+        return
+    saved = json.loads(saved_path.read_text())
+    now = json.loads(json.dumps(asdict(cfg)))  # tuples -> lists, as saved
+    diff = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_FIELDS and saved.get(k) != now.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in diff)
+        raise ValueError(
+            f"{run_dir} holds checkpoints of a run with another configuration ({detail}); resume it with "
+            f"its own config, or start a new run (another --run-dir, or delete that folder)")
+
 
 def save_checkpoint(run_dir: Path, *, step: int, model, optimizer, scheduler, position: int, ema) -> Path:
     """Adapter (safetensors) + optimizer, scheduler, RNG states, step and data position.
@@ -361,6 +384,7 @@ def train(
     dist = _Dist()
     run_dir = Path(run_dir) if run_dir is not None else run_dir_for(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
+    check_resumable(run_dir, cfg)
     if dist.main:
         save_config(cfg, run_dir / "config.json")
     train_problems, test_problems = problems if problems is not None else load_splits(cfg)

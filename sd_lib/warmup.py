@@ -26,9 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -36,7 +34,7 @@ from typing import Any, Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from .models import EMBEDDED_SOLVER, cache_root, load_model_and_tokenizer
+from .models import EMBEDDED_SOLVER, cache_root, load_model_and_tokenizer, save_model_atomically
 from .problems import Problem, generate_arithmetic, question_key
 from .stepformat import SOLVER_INSTRUCTIONS, solver_messages
 
@@ -185,22 +183,9 @@ def warmup_solver(base: str = EMBEDDED_SOLVER, *, settings: WarmupSettings = War
     losses = _train(model, tokenizer, problems, settings, progress=progress)
     seconds = time.perf_counter() - t0
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / _DONE).write_text(json.dumps(
-            {"base": base, "settings": asdict(settings), "n_problems": len(problems),
-             "losses": losses, "seconds": seconds}, indent=1))
-        try:
-            os.rename(tmp, out)
-        except OSError:
-            if not (out / _DONE).is_file():  # not a lost race with another process
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return save_model_atomically(model, tokenizer, out, marker=_DONE, marker_content={
+        "base": base, "settings": asdict(settings), "n_problems": len(problems), "losses": losses,
+        "seconds": seconds})
 
 
 def load_warmed_up(base: str = EMBEDDED_SOLVER, *, settings: WarmupSettings = WarmupSettings(),

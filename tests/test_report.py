@@ -7,12 +7,14 @@ import pytest
 
 from sd_lib.config import get_config
 from sd_lib.report import (
+    advantage_markdown,
     base_eval_markdown,
     best_table,
     best_table_md,
     build_report,
     comparison_md,
     comparison_table,
+    export_runs,
     gap_table,
     last_table,
     load_eval_results,
@@ -150,3 +152,36 @@ def test_missing_evaluations_lists_checkpoints_without_eval(cfg, tmp_path):
     assert todo[0]["out"] == run / "eval" / "step_000003.json"
     (tmp_path / "results" / "base_eval.json").unlink()
     assert [t["condition"] for t in missing_evaluations(cfg)] == ["base", "grpo"]
+
+
+def test_export_runs_copies_config_metrics_and_evals_not_checkpoints(cfg, tmp_path):
+    """Each existing run's config, metrics and eval files land in results/runs/<condition>/;
+    checkpoints stay behind, a stale export is replaced, a missing run is skipped."""
+    run = tmp_path / "runs" / "smoke" / "grpo-seed0"
+    (run / "config.json").write_text("{}")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    (run / "checkpoints" / "step_000002" / "adapter").mkdir(parents=True)
+    stale = tmp_path / "results" / "runs" / "grpo"
+    stale.mkdir(parents=True)
+    (stale / "step_000099.json").write_text("{}")
+    written = export_runs(cfg)
+    assert [p.name for p in written] == ["grpo", "stepalign"]  # refsol has no run
+    assert sorted(f.name for f in stale.iterdir()) == ["config.json", "metrics.jsonl", "step_000002.json",
+                                                        "step_000004.json"]
+    assert sorted(f.name for f in (tmp_path / "results" / "runs" / "stepalign").iterdir()) == [
+        "step_000002.json", "step_000004.json", "step_000006.json"]
+
+
+def test_advantage_markdown_rows_cis_and_caption():
+    """One row per context with the json's values and CIs; a missing CI shows the value alone."""
+    row = {"context": "stepalign_aligned", "label": "StepAlignFB (aligned)", "mean_correct_prefix": 0.01,
+           "mean_correct_prefix_ci_low": -0.02, "mean_correct_prefix_ci_high": 0.03, "mean_first_error": -0.9,
+           "mean_after_error": -0.2, "auroc": 0.47, "auroc_ci_low": 0.44, "auroc_ci_high": 0.5,
+           "step_auroc": 0.91, "error_abs_share": 0.56}
+    md = advantage_markdown({"contexts": [row], "n_erroneous": 48, "n_sampled": 256, "profile": "cpu", "seed": 0,
+                             "summary": "Summary sentence."})
+    lines = md.splitlines()
+    assert lines[0].startswith("| teacher context |") and "step AUROC" in lines[0]
+    assert lines[2] == ("| StepAlignFB (aligned) | +0.010 [-0.020, +0.030] | -0.900 | -0.200 | 0.47 [0.44, 0.50] "
+                        "| 0.91 | 0.56 |")
+    assert "48 erroneous rollouts" in md and "(of 256 sampled)" in md and md.endswith("Summary sentence.")

@@ -11,7 +11,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sd_lib.sampling import GQA_ATTENTION, Rollouts, _next_tokens, generate, gqa_attention, stop_token_ids
+from sd_lib.sampling import (GQA_ATTENTION, Rollouts, _next_tokens, generate, gqa_attention, preallocated_cache,
+                             stop_token_ids)
 
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]
 EOS = 2
@@ -181,6 +182,38 @@ def test_gqa_attention_is_exact_and_restores_the_config(tok):
         with gqa_attention(model):
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
+
+
+def test_preallocated_cache_matches_dynamic_cache():
+    """The sampler's cache against transformers' DynamicCache under the decode loop's operations
+    (prefix of one row, repeat to the batch, appends, dropping finished rows, outgrowing the
+    preallocated room): the same keys and values after every operation."""
+    from transformers import DynamicCache
+
+    model = _model(eos_bias=0.0)
+    ours, ref = preallocated_cache(model, capacity=6), DynamicCache(config=model.config)
+    assert type(ours.layers[0]).__name__ == "PreallocatedLayer"
+    g = torch.Generator().manual_seed(0)
+    kv = lambda b, n: (torch.randn(b, 2, n, 8, generator=g), torch.randn(b, 2, n, 8, generator=g))  # noqa: E731
+
+    def same():
+        for a, b in zip(ours.layers, ref.layers):
+            assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+        assert ours.get_seq_length() == ref.get_seq_length()
+
+    ops = [("update", kv(1, 3)), ("repeat", 4), ("update", kv(4, 2)), ("select", torch.tensor([0, 2, 3])),
+           ("update", kv(3, 1)), ("update", kv(3, 4)), ("select", torch.tensor([1])), ("update", kv(1, 1))]
+    for op, arg in ops:
+        for cache in (ours, ref):
+            for layer in range(2):
+                if op == "update":
+                    cache.update(*arg, layer)
+            if op == "repeat":
+                cache.batch_repeat_interleave(arg)
+            elif op == "select":
+                cache.batch_select_indices(arg)
+        same()
+    assert ours.layers[0].key_buffer.shape[-2] >= 11  # grew past the 6 positions it started with
 
 
 @pytest.mark.slow

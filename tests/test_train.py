@@ -52,6 +52,19 @@ def test_each_condition_trains_and_logs(tiny_solver, tmp_path, condition):
         assert "adv/mean" in rows[-1] and "sd/divergence" in rows[-1]
 
 
+def test_resuming_with_another_config_is_refused_by_name(tiny_solver, tmp_path):
+    """A run folder with checkpoints resumes only under the same experiment: a changed learning rate
+    is refused with both values named; more steps or another eval cadence are allowed."""
+    from dataclasses import replace
+
+    cfg = _cfg(tiny_solver, "refsol", tmp_path, max_steps=1)
+    run = train(cfg, progress=False)
+    with pytest.raises(ValueError, match=r"learning_rate: 0.001 -> 0.0005"):
+        train(replace(cfg, learning_rate=5e-4), progress=False)
+    train(replace(cfg, max_steps=2, eval_every=1), progress=False)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
 def _fixed_sd_batch(tokenizer, cfg, problems, *, condition):
     """Completions with an error at step 2 (fixed, not sampled) and their teacher prompts."""
     from sd_lib.contexts import build_prompts
