@@ -101,7 +101,7 @@ class SDConfig:
     reduction: str = "token_mean"
     """`token_mean` over all completion tokens of the batch, or `sequence_mean`."""
     chunk_size: int = 1024
-    """Tokens per chunk in the memory-efficient full-vocabulary loss."""
+    """Tokens per chunk in the memory-efficient full-vocabulary loss (memory/speed only, not the maths)."""
 
     # --- teacher ----------------------------------------------------------------------
     teacher_kind: str = "base"
@@ -230,6 +230,7 @@ _CPU = dict(
     save_every=10,
     max_context_tokens=512,
     grpo_group_size=8,
+    chunk_size=128,
 )
 
 PROFILES: dict[str, dict] = {

@@ -208,7 +208,7 @@ def read_metrics(run_dir) -> list[dict]:
 # fields that may change between a run and its resumption: how long it runs, where and how it reports
 RESUMABLE_FIELDS = frozenset({"max_steps", "epochs", "eval_every", "save_every", "report_to", "runs_dir",
                               "results_dir", "figures_dir", "critic_timeout_s", "critic_max_retries",
-                              "critic_concurrency", "gen_batch_size"})
+                              "critic_concurrency", "gen_batch_size", "chunk_size"})
 
 
 def check_resumable(run_dir: Path, cfg: SDConfig) -> None:
