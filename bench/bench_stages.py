@@ -42,18 +42,15 @@ from _common import header  # noqa: E402
 
 
 def time_eval(cfg, n_problems: int) -> dict:
-    import torch
-
     from sd_lib.evaluation import evaluate_config
     from sd_lib.problems import load_splits
     from sd_lib.warmup import load_starting_solver
 
     model, tokenizer = load_starting_solver(cfg, progress=False)
     problems = load_splits(cfg)[1][:n_problems]
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        res = evaluate_config(model, tokenizer, problems, cfg, progress=False)
-        seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    res = evaluate_config(model, tokenizer, problems, cfg, progress=False)
+    seconds = time.perf_counter() - t0
     tokens = sum(sum(p["lengths"]) for p in res["per_problem"])
     return {"seconds": seconds, "per_problem_s": seconds / len(problems), "rows": len(problems) * cfg.eval_k,
             "tokens": tokens, "tokens_per_s": tokens / seconds}

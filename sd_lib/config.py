@@ -18,7 +18,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-__all__ = ["SDConfig", "PROFILES", "get_config", "save_config", "load_config", "resolve_path", "CONDITIONS"]
+__all__ = ["SDConfig", "PROFILES", "get_config", "save_config", "load_config", "resolve_path", "repo_relative",
+           "CONDITIONS"]
 
 CONDITIONS = ("grpo", "refsol", "stepalign")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -261,6 +262,12 @@ PROFILES: dict[str, dict] = {
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(path) -> str:
+    """How results and logs show a path: relative to the repository when inside it, else absolute."""
+    path = Path(path).resolve()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
 
 
 def resolve_path(path) -> Path:

@@ -71,6 +71,7 @@ import random
 import re
 import threading
 import time
+from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -358,7 +359,7 @@ def apply_style(critique: Critique, attempt_text: str | None, style: str) -> Cri
 # ----------------------------------------------------------------------------- critics
 
 
-class Critic:
+class Critic(ABC):
     """Base class: `critique_batch` is the one method a backend implements."""
 
     style: str = "aligned"
@@ -367,8 +368,9 @@ class Critic:
     def critique(self, problem, attempt_text: str) -> Critique:
         return self.critique_batch([problem], [attempt_text])[0]
 
+    @abstractmethod
     def critique_batch(self, problems: Sequence, attempts: Sequence[str]) -> list[Critique]:
-        raise NotImplementedError
+        """One critique per (problem, attempt), in order."""
 
     @staticmethod
     def _check_batch(problems, attempts) -> list[str]:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .config import CONDITIONS, ROOT, load_config, resolve_path
+from .config import CONDITIONS, ROOT, load_config, repo_relative, resolve_path
 
 __all__ = [
     "METRICS",
@@ -110,12 +110,6 @@ def _eval_rows(d: dict, where: str) -> list[dict]:
     return rows
 
 
-def _shown(path: Path) -> str:
-    """A file's path as results record it: relative to the repository when inside it."""
-    path = Path(path).resolve()
-    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else str(path)
-
-
 def load_eval_results(cfg, *, conditions=CONDITIONS, seed: int | None = None, base_eval=None) -> pd.DataFrame:
     """Every eval of every run of `cfg`'s profile and seed, in long form.
 
@@ -129,15 +123,15 @@ def load_eval_results(cfg, *, conditions=CONDITIONS, seed: int | None = None, ba
     seed = cfg.seed if seed is None else seed
     base_path = Path(base_eval) if base_eval is not None else resolve_path(cfg.results_dir) / "base_eval.json"
     base_rows = read_eval(base_path) if base_path.exists() else []
-    rows = [{"condition": "base", "step": 0, **r, "path": _shown(base_path)} for r in base_rows]
+    rows = [{"condition": "base", "step": 0, **r, "path": repo_relative(base_path)} for r in base_rows]
     for condition in conditions:
         run_dir = run_dir_for(replace(cfg, condition=condition, seed=seed))
         files = eval_files(run_dir)
         if not files:
             continue
-        rows += [{"condition": condition, "step": 0, **r, "path": _shown(base_path)} for r in base_rows]
+        rows += [{"condition": condition, "step": 0, **r, "path": repo_relative(base_path)} for r in base_rows]
         for step, path in files.items():
-            rows += [{"condition": condition, "step": step, **r, "path": _shown(path)} for r in read_eval(path)]
+            rows += [{"condition": condition, "step": step, **r, "path": repo_relative(path)} for r in read_eval(path)]
     cols = ["condition", "step", "metric", "mean", "ci_low", "ci_high", "k", "n_problems", "path"]
     return pd.DataFrame(rows, columns=cols)
 

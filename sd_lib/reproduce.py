@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import repo_relative
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 BUILD = ROOT / "build"
@@ -48,11 +50,6 @@ def _digest(*parts: bytes) -> str:
 def library_digest() -> str:
     files = sorted((ROOT / "sd_lib").rglob("*.py"))
     return _digest(*(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() for f in files))
-
-
-def _show(path: Path) -> Path:
-    """A path relative to the repository when it lies inside it."""
-    return path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
 
 
 def notebook_paths(only=None) -> list[Path]:
@@ -177,14 +174,14 @@ def main(argv=None) -> int:
             stamp.write_text(json.dumps({"key": key, "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": timings[src.name]}))
             print(f"[reproduce] {src.name}: done in {timings[src.name]} s", flush=True)
         upstream += key.encode()
-    print(f"[reproduce] all notebooks done for {tag}; executed copies in {_show(out_dir)}", flush=True)
+    print(f"[reproduce] all notebooks done for {tag}; executed copies in {repo_relative(out_dir)}", flush=True)
     if not args.only:
         from .config import get_config, resolve_path
 
         results_dir = resolve_path(get_config(args.profile, seed=args.seed).results_dir)
         path = write_run_info(args.profile, args.seed, results_dir=results_dir,
                               update_readme=args.profile != "smoke")
-        print(f"[reproduce] wrote {_show(path)}", flush=True)
+        print(f"[reproduce] wrote {repo_relative(path)}", flush=True)
     return 0
 
 

@@ -169,7 +169,12 @@ def _preallocated_layer_class():
                 self._views()
 
         def crop(self, tokens_to_remove: int) -> None:
-            raise NotImplementedError("PreallocatedLayer is sd_lib's sampling cache: it does not crop")
+            """Drop the last `-tokens_to_remove` positions (transformers' convention: a negative
+            count); a positive value is the legacy form, the length to keep."""
+            keep = tokens_to_remove if tokens_to_remove > 0 else self.length + tokens_to_remove
+            if 0 <= keep < self.length:
+                self.length = keep
+                self._views()
 
     return PreallocatedLayer
 

@@ -187,7 +187,7 @@ def test_gqa_attention_is_exact_and_restores_the_config(tok):
 def test_preallocated_cache_matches_dynamic_cache():
     """The sampler's cache against transformers' DynamicCache under the decode loop's operations
     (prefix of one row, repeat to the batch, appends, dropping finished rows, outgrowing the
-    preallocated room): the same keys and values after every operation."""
+    preallocated room) and a crop: the same keys and values after every operation."""
     from transformers import DynamicCache
 
     model = _model(eos_bias=0.0)
@@ -202,7 +202,8 @@ def test_preallocated_cache_matches_dynamic_cache():
         assert ours.get_seq_length() == ref.get_seq_length()
 
     ops = [("update", kv(1, 3)), ("repeat", 4), ("update", kv(4, 2)), ("select", torch.tensor([0, 2, 3])),
-           ("update", kv(3, 1)), ("update", kv(3, 4)), ("select", torch.tensor([1])), ("update", kv(1, 1))]
+           ("update", kv(3, 1)), ("update", kv(3, 4)), ("select", torch.tensor([1])), ("update", kv(1, 1)),
+           ("crop", -2), ("update", kv(1, 1))]
     for op, arg in ops:
         for cache in (ours, ref):
             for layer in range(2):
@@ -212,6 +213,8 @@ def test_preallocated_cache_matches_dynamic_cache():
                 cache.batch_repeat_interleave(arg)
             elif op == "select":
                 cache.batch_select_indices(arg)
+            elif op == "crop":
+                cache.crop(arg)
         same()
     assert ours.layers[0].key_buffer.shape[-2] >= 11  # grew past the 6 positions it started with
 
