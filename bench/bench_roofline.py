@@ -7,8 +7,9 @@ Both numbers come from the same run, same process, same torch thread count:
     student:  the embedded SmolLM2-135M-Instruct (fp32) with LoRA r=16, alpha=32 on the 7
               projections (`sd_lib.models.add_lora`, the `cpu` profile's adapter), a batch of
               --batch x --seq random token ids, `model(input_ids, labels=input_ids).loss.backward()`
-              (all positions scored: the logits and cross-entropy of an SFT step), median wall time
-              over --repeats passes after one warm-up pass.
+              (all positions scored: the logits and cross-entropy of an SFT step) with the MLPs
+              as the trainer runs them (`fused_mlp.fused_swiglu`; `--no-fused` for peft's own),
+              median wall time over --repeats passes after one warm-up pass.
 
 FLOP count of one pass (`tokens` = batch x seq; N counts the weights of the nn.Linear layers):
 
@@ -90,6 +91,7 @@ def main(argv=None) -> None:
     parser.add_argument("--matmul-size", type=int, default=2048)
     parser.add_argument("--matmul-repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--no-fused", action="store_true", help="peft's own MLP forward (no fused_mlp)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, < 30 s")
     args = parser.parse_args(argv)
     if args.quick:
@@ -98,6 +100,7 @@ def main(argv=None) -> None:
     import torch
     from transformers.utils import logging as hf_logging
 
+    from sd_lib.fused_mlp import fused_swiglu
     from sd_lib.models import EMBEDDED_SOLVER, add_lora, load_model_and_tokenizer
 
     if args.threads:
@@ -127,7 +130,8 @@ def main(argv=None) -> None:
     def step() -> float:
         model.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        with fused_swiglu(model, enabled=not args.no_fused):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
         loss.backward()
         return time.perf_counter() - t0
 
@@ -147,6 +151,7 @@ def main(argv=None) -> None:
     print(f"embedded SmolLM2-135M-Instruct fp32 + LoRA r={args.lora_r} on 7 projections | batch "
           f"{args.batch} x {args.seq} tokens | N_base={n_base / 1e6:.1f}M (lm_head incl.), "
           f"N_lora={n_lora / 1e6:.2f}M, all params={n_all / 1e6:.1f}M | L={n_layers}, d_attn={d_attn} | "
+          f"MLP {'peft (--no-fused)' if args.no_fused else 'fused_swiglu'} | "
           f"median of {args.repeats} passes | total {time.time() - start:.0f} s\n")
     print("| quantity | value |")
     print("|---|---:|")

@@ -52,6 +52,7 @@ class PackedBatch:
     completion_ids: torch.Tensor  # (B, T) long, pad where masked
     completion_mask: torch.Tensor  # (B, T) float, 1 on real completion tokens
     prompt_width: int  # P: every completion starts at this column
+    shared_prefix: int = 0  # L: the first L prompt tokens of every row are the same (L < every prompt)
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
@@ -86,11 +87,21 @@ def pack_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Seq
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         completion_ids=input_ids[:, width_p:].clone(),  # (B, T)
         completion_mask=attention_mask[:, width_p:].float(),  # (B, T)
-        prompt_width=width_p)
+        prompt_width=width_p, shared_prefix=_common_prefix(prompt_ids))
     if device is not None:
         for name in ("input_ids", "attention_mask", "position_ids", "completion_ids", "completion_mask"):
             setattr(packed, name, getattr(packed, name).to(device))
     return packed
+
+
+def _common_prefix(prompt_ids: Sequence[Sequence[int]]) -> int:
+    """Length of the prefix every prompt shares, kept shorter than the shortest prompt (so that
+    every row's last prompt token, which predicts y_1, is its own)."""
+    first, limit = prompt_ids[0], min(len(p) for p in prompt_ids) - 1
+    n = 0
+    while n < limit and all(p[n] == first[n] for p in prompt_ids):
+        n += 1
+    return n
 
 
 def pack_student_teacher(student_prompt_ids: Sequence[Sequence[int]],
@@ -136,15 +147,23 @@ def _zero_masked(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def completion_logps(model: torch.nn.Module, batch: PackedBatch, *,
-                     temperature: float = 1.0) -> torch.Tensor:
+                     temperature: float = 1.0, share_prefix: bool = True) -> torch.Tensor:
     """log pi(y_t | prompt, y<t) for t = 1..T -> (B, T), 0 where completion_mask is 0.
 
     Naive equivalent: model(**batch).logits[:, P-1:P+T-1].log_softmax(-1).gather(y).
     Keeps only the last T+1 logit rows (`logits_to_keep`), like TRL's `_get_per_token_logps`.
+    `share_prefix`: the decoder runs the rows' common prompt prefix once (`completion_hidden`)
+    and the output layer maps its hidden states; models whose logits are more than the output
+    layer of the last hidden state (softcapping, logit scaling) always take the plain path.
     """
     width_t = batch.completion_ids.size(1)
-    logits = model(**batch.model_inputs(), logits_to_keep=width_t + 1, use_cache=False).logits
-    logits = logits[:, :-1]  # (B, T, V): column P-1+t predicts y_t
+    config = getattr(model, "config", None)
+    plain_head = not any(getattr(config, k, None) for k in ("final_logit_softcapping", "logit_scale"))
+    if share_prefix and plain_head and batch.shared_prefix > 0 and batch.input_ids.size(0) > 1:
+        logits = model.get_output_embeddings()(completion_hidden(model, batch))  # (B, T, V)
+    else:
+        logits = model(**batch.model_inputs(), logits_to_keep=width_t + 1, use_cache=False).logits
+        logits = logits[:, :-1]  # (B, T, V): column P-1+t predicts y_t
     if temperature != 1.0:
         logits = logits / temperature
     return _zero_masked(selective_log_softmax(logits, batch.completion_ids), batch.completion_mask)
@@ -154,19 +173,61 @@ def _base_causal_lm(model: torch.nn.Module) -> torch.nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def completion_hidden(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+def completion_hidden(model: torch.nn.Module, batch: PackedBatch, *, share_prefix: bool = True) -> torch.Tensor:
     """Final (post-norm) hidden states h_{P-1+t} that predict y_t, t = 1..T -> (B, T, H).
 
     logits = h @ output_weight(model).T; feed to `losses.chunked_sd_loss`. Runs the decoder
     only (no logits). Works through a peft wrapper: LoRA layers live inside the decoder.
-    Departure: models whose head adds softcapping/scaling (Gemma, Cohere) need their own
-    logits transform; Llama/Qwen heads are a plain matmul.
+
+    share_prefix: when the rows' prompts start with the same `batch.shared_prefix` = L tokens
+    (the system prompt and instructions: 73 of ~90 tokens of the embedded solver's prompt), the
+    decoder runs those L tokens once, as a batch of one, and the B row suffixes on top of its
+    K/V cache, broadcast to B rows. Same values (positions and attention are unchanged); with
+    gradient, the prefix's gradient is the sum over rows (autograd through the broadcast).
+    Naive equivalent: `share_prefix=False`, every row in full.
+
+    Departures: models whose head adds softcapping/scaling (Gemma, Cohere) need their own
+    logits transform; Llama/Qwen heads are a plain matmul. With LoRA dropout > 0, the prefix
+    shares one dropout mask across rows.
     """
     decoder = _base_causal_lm(model).get_decoder()
-    hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state  # (B, P+T, H)
     width_p, width_t = batch.prompt_width, batch.completion_ids.size(1)
+    if share_prefix and batch.shared_prefix > 0 and batch.input_ids.size(0) > 1:
+        hidden = _prefix_shared_forward(decoder, batch)  # (B, P-L+T, H)
+        width_p -= batch.shared_prefix
+    else:
+        hidden = decoder(**batch.model_inputs(), use_cache=False).last_hidden_state  # (B, P+T, H)
     hidden = hidden[:, width_p - 1: width_p - 1 + width_t]  # (B, T, H)
     return _zero_masked(hidden, batch.completion_mask.unsqueeze(-1))
+
+
+def _prefix_shared_forward(decoder: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+    """The decoder's last hidden states of every row's columns after its shared prefix:
+    (B, P-L+T, H), rows laid out as [pad..., prompt[L:], completion, pad...]."""
+    from transformers import DynamicCache
+
+    n_prefix, width_p = batch.shared_prefix, batch.prompt_width
+    rows = batch.input_ids.size(0)
+    device = batch.input_ids.device
+    starts = width_p - batch.attention_mask[:, :width_p].sum(-1)  # (B,) first prompt column of each row
+    prefix = batch.input_ids[:1, starts[0]: starts[0] + n_prefix]  # (1, L)
+    cache = DynamicCache(config=decoder.config)
+    decoder(input_ids=prefix, position_ids=torch.arange(n_prefix, device=device)[None], past_key_values=cache,
+            use_cache=True)
+    for layer in cache.layers:  # (1, H_kv, L, D) -> (B, H_kv, L, D), a broadcast view
+        layer.keys = layer.keys.expand(rows, -1, -1, -1)
+        layer.values = layer.values.expand(rows, -1, -1, -1)
+    # drop columns [start, start + L) of each row: [pad..., prompt[L:], completion, pad...]
+    columns = torch.arange(batch.input_ids.size(1) - n_prefix, device=device)[None]  # (1, P-L+T)
+    columns = columns + n_prefix * (columns >= (starts[:, None]))  # (B, P-L+T)
+    suffix_mask = batch.attention_mask.gather(1, columns)  # (B, P-L+T)
+    hidden = decoder(
+        input_ids=batch.input_ids.gather(1, columns),
+        attention_mask=torch.cat([batch.attention_mask.new_ones(rows, n_prefix), suffix_mask], 1),  # (B, P+T)
+        position_ids=batch.position_ids.gather(1, columns),
+        past_key_values=cache, use_cache=True,
+    ).last_hidden_state
+    return hidden  # (B, P-L+T, H)
 
 
 def output_weight(model: torch.nn.Module) -> torch.Tensor:
@@ -272,16 +333,17 @@ def student_teacher_logps(model: torch.nn.Module, student: PackedBatch, teacher:
 
 
 def student_teacher_hidden(model: torch.nn.Module, student: PackedBatch, teacher: PackedBatch, *,
-                           teacher_kind: str = "base", ema: EmaAdapter | None = None,
+                           teacher_kind: str = "base", ema: EmaAdapter | None = None, share_prefix: bool = True,
                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(student_hidden (B, T, H), teacher_hidden (B, T, H), weight (V, H), completion_mask (B, T)).
 
-    The inputs of `losses.chunked_sd_loss`; teacher side as in `student_teacher_logps`.
+    The inputs of `losses.chunked_sd_loss`; teacher side as in `student_teacher_logps`;
+    `share_prefix` as in `completion_hidden`, for both sides.
     """
     _check_aligned(student, teacher)
-    student_hidden = completion_hidden(model, student)
+    student_hidden = completion_hidden(model, student, share_prefix=share_prefix)
     with teacher_mode(model, teacher_kind, ema=ema):
-        teacher_hidden = completion_hidden(model, teacher)
+        teacher_hidden = completion_hidden(model, teacher, share_prefix=share_prefix)
     return student_hidden, teacher_hidden, output_weight(model), student.completion_mask
 
 

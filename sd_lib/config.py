@@ -103,6 +103,12 @@ class SDConfig:
     """`token_mean` over all completion tokens of the batch, or `sequence_mean`."""
     chunk_size: int = 1024
     """Tokens per chunk in the memory-efficient full-vocabulary loss (memory/speed only, not the maths)."""
+    share_prefix: bool = True
+    """Student, teacher and GRPO forwards run the prompt prefix all rows of a micro-batch share
+    once (`alignment.completion_hidden`; memory/speed only, not the maths)."""
+    fused_mlp: bool = True
+    """Student forward: each SwiGLU MLP as one autograd node that keeps 2 of its 4 intermediate
+    tensors (`fused_mlp.LoRASwiGLU`; memory only, not the maths)."""
 
     # --- teacher ----------------------------------------------------------------------
     teacher_kind: str = "base"

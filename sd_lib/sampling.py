@@ -17,7 +17,10 @@ Two things make the loop about twice as fast on CPU as the plain one (`bench/ben
 - inverse-CDF sampling (one cumsum and one uniform per row) instead of `torch.multinomial`,
   which draws an exponential variate for every vocabulary entry of every row;
 - a KV cache whose layers write each new token into preallocated buffers
-  (`PreallocatedLayer`) instead of `torch.cat`-ing the whole cache at every step.
+  (`PreallocatedLayer`) instead of `torch.cat`-ing the whole cache at every step;
+- LoRA merged for the duration of `generate` (`merged_lora`): each adapted layer runs one matmul
+  with W + s B A, held in a temporary tensor, instead of three (the adapter's two and the base);
+  the stored weights are not touched, so nothing drifts (merging in place and back would round).
 
 Departures from the paper:
 1. The paper generates with vLLM (paged attention, prefix caching); this is a plain PyTorch
@@ -36,7 +39,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["Rollouts", "generate", "gqa_attention", "preallocated_cache", "stop_token_ids"]
+__all__ = ["Rollouts", "generate", "gqa_attention", "merged_lora", "preallocated_cache", "stop_token_ids"]
 
 # End-of-turn tokens of common chat templates; used when present in the vocabulary.
 _CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
@@ -237,6 +240,45 @@ def gqa_attention(model: Any) -> Iterator[None]:
         config._attn_implementation = current
 
 
+def _lora_layers(model: Any) -> list[Any] | None:
+    """The peft LoRA layers `merged_lora` can merge, or None when any layer cannot be (several
+    active adapters, DoRA & co., a non-Linear base): then the model runs as it is."""
+    layers = [m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")
+              and hasattr(m, "get_delta_weight")]
+    if not layers or not hasattr(model, "disable_adapter"):
+        return None
+    for layer in layers:
+        active = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
+        if (layer.disable_adapters or layer.merged or len(active) != 1 or active[0] in getattr(layer, "lora_variant", {})
+                or type(layer.base_layer) is not torch.nn.Linear):
+            return None
+    return layers
+
+
+@contextmanager
+def merged_lora(model: Any) -> Iterator[bool]:
+    """Within the block (no gradient), a peft LoRA model runs with each adapted layer's weight
+    replaced by W + s B A (a new tensor) and the adapter layers disabled: one matmul per layer.
+    On exit every base weight is the very tensor it was before (no merge-unmerge rounding).
+    Yields whether it merged; models without a mergeable adapter run unchanged. Costs one copy of
+    the adapted weights while it lasts."""
+    layers = _lora_layers(model)
+    if layers is None:
+        yield False
+        return
+    originals = [layer.base_layer.weight.data for layer in layers]
+    try:
+        with torch.no_grad():
+            for layer, weight in zip(layers, originals):
+                name = next(a for a in layer.active_adapters if a in layer.lora_A.keys())
+                layer.base_layer.weight.data = weight + layer.get_delta_weight(name).to(weight.dtype)
+        with model.disable_adapter():
+            yield True
+    finally:
+        for layer, weight in zip(layers, originals):
+            layer.base_layer.weight.data = weight
+
+
 def _next_tokens(logits: torch.Tensor, *, temperature: float, top_p: float,
                  generator: torch.Generator | None) -> torch.Tensor:
     """Sample one token per row from softmax(logits / temperature), nucleus `top_p`.
@@ -377,22 +419,23 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str] | Sequence[Seque
     n_tokens, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(batches), desc="generate", unit="batch", disable=not progress)
     try:
-        for b, batch in enumerate(batches):
-            generator = None
-            if seed is not None and temperature > 0:
-                generator = torch.Generator(device=device)
-                generator.manual_seed((seed * 1_000_003 + b) % (2**63))
-            new = _sample_batch(model, [prompt_ids[rows[r]] for r in batch],
-                                temperature=temperature, top_p=top_p,
-                                max_new_tokens=max_new_tokens, stop_ids=stop_set, pad_id=pad_id,
-                                generator=generator, device=device)
-            for r, toks in zip(batch, new):
-                completions[r] = toks
-                truncated[r] = len(toks) >= max_new_tokens and toks[-1] not in stop_set
-                n_tokens += len(toks)
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(tok_s=f"{n_tokens / max(elapsed, 1e-9):.1f}")
-            bar.update(1)
+        with merged_lora(model):
+            for b, batch in enumerate(batches):
+                generator = None
+                if seed is not None and temperature > 0:
+                    generator = torch.Generator(device=device)
+                    generator.manual_seed((seed * 1_000_003 + b) % (2**63))
+                new = _sample_batch(model, [prompt_ids[rows[r]] for r in batch],
+                                    temperature=temperature, top_p=top_p,
+                                    max_new_tokens=max_new_tokens, stop_ids=stop_set, pad_id=pad_id,
+                                    generator=generator, device=device)
+                for r, toks in zip(batch, new):
+                    completions[r] = toks
+                    truncated[r] = len(toks) >= max_new_tokens and toks[-1] not in stop_set
+                    n_tokens += len(toks)
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(tok_s=f"{n_tokens / max(elapsed, 1e-9):.1f}")
+                bar.update(1)
     finally:
         bar.close()
         model.train(was_training)

@@ -51,6 +51,7 @@ from .alignment import (
     teacher_mode,
 )
 from .config import SDConfig, get_config, resolve_path, save_config
+from .fused_mlp import fused_swiglu
 from .grpo import grpo_loss
 from .losses import chunked_sd_loss, per_token_divergence, sampled_token_loss
 from .problems import load_splits
@@ -205,10 +206,12 @@ def read_metrics(run_dir) -> list[dict]:
 
 # ----------------------------------------------------------------------------- checkpoints
 
-# fields that may change between a run and its resumption: how long it runs, where and how it reports
+# fields that may change between a run and its resumption: how long it runs, where and how it reports,
+# and implementation choices that leave the maths unchanged (chunking, fusion, prefix sharing)
 RESUMABLE_FIELDS = frozenset({"max_steps", "epochs", "eval_every", "save_every", "report_to", "runs_dir",
                               "results_dir", "figures_dir", "critic_timeout_s", "critic_max_retries",
-                              "critic_concurrency", "gen_batch_size", "chunk_size"})
+                              "critic_concurrency", "gen_batch_size", "chunk_size", "fused_mlp",
+                              "share_prefix"})
 
 
 def check_resumable(run_dir: Path, cfg: SDConfig) -> None:
@@ -307,7 +310,9 @@ def sd_micro_step(model, cfg: SDConfig, *, student_ids, teacher_ids, completion_
     device = next(model.parameters()).device
     student, teacher = pack_student_teacher(student_ids, teacher_ids, completion_ids, pad_token_id=pad_id, device=device)
     mask = student.completion_mask * torch.as_tensor(weights, dtype=torch.float32, device=device)[:, None]  # (B, T)
-    s_h, t_h, weight, _ = student_teacher_hidden(model, student, teacher, teacher_kind=cfg.teacher_kind, ema=ema)
+    with fused_swiglu(model, enabled=cfg.fused_mlp):
+        s_h, t_h, weight, _ = student_teacher_hidden(model, student, teacher, teacher_kind=cfg.teacher_kind, ema=ema,
+                                                     share_prefix=cfg.share_prefix)
     ids = student.completion_ids  # (B, T)
     if cfg.divergence == "sampled_token" or cfg.support != "full":
         student_logits = s_h @ weight.T  # (B, T, V): the naive path, for options the chunked one lacks
@@ -339,11 +344,12 @@ def grpo_micro_step(model, cfg: SDConfig, *, prompt_ids, completion_ids, advanta
     """GRPO loss on one micro-batch (on-policy: one update, so pi_old = pi detached)."""
     device = next(model.parameters()).device
     batch = pack_batch(prompt_ids, completion_ids, pad_token_id=pad_id, device=device)
-    logps = completion_logps(model, batch)  # (B, T)
+    with fused_swiglu(model, enabled=cfg.fused_mlp):
+        logps = completion_logps(model, batch, share_prefix=cfg.share_prefix)  # (B, T)
     ref = None
     if cfg.kl_beta > 0:
         with teacher_mode(model, "base"):
-            ref = completion_logps(model, batch)
+            ref = completion_logps(model, batch, share_prefix=cfg.share_prefix)
     adv = torch.as_tensor(advantages, dtype=torch.float32, device=device)
     loss, stats = grpo_loss(
         logps, logps.detach(), adv, batch.completion_mask, eps_low=cfg.eps_low, eps_high=cfg.eps_high,

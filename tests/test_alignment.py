@@ -43,10 +43,80 @@ def test_pack_batch_layout():
     assert batch.completion_ids.tolist() == [[4, 0], [5, 6]]
     assert batch.completion_mask.tolist() == [[1.0, 0.0], [1.0, 1.0]]
     assert batch.prompt_width == 2
+    assert batch.shared_prefix == 0
     with pytest.raises(ValueError, match="prompt needs"):
         pack_batch([[]], [[1]], pad_token_id=PAD)
     with pytest.raises(ValueError, match="student prompts"):
         pack_student_teacher([[1]], [[1], [2]], [[3]], pad_token_id=PAD)
+
+
+def test_shared_prefix_by_hand():
+    """Checks `shared_prefix` against hand-counted prefixes: the common start of all prompts,
+    always shorter than the shortest prompt (its last token must stay the row's own)."""
+    def shared(prompts):
+        return pack_batch(prompts, [[9]] * len(prompts), pad_token_id=PAD).shared_prefix
+
+    assert shared([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    assert shared([[1, 2, 3], [1, 2, 3]]) == 2  # identical prompts: all but the last token
+    assert shared([[1, 2, 3], [4, 2, 3]]) == 0
+    assert shared([[1, 2, 3]]) == 2
+    assert shared([[7], [7, 8]]) == 0
+
+
+SHARED_PROMPTS = [[5, 6, 7, 8, 1, 2], [5, 6, 7, 8, 3], [5, 6, 7, 8, 4, 4, 4, 4], [5, 6, 7, 8, 9]]
+SHARED_COMPLETIONS = [[20, 21, 22], [23], [24, 25], [26, 27, 28, 29, 30]]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_shared_prefix_forward_matches_full_rows(arch):
+    """Checks `completion_hidden` and `completion_logps` with `share_prefix=True` (prefix run once,
+    its cache broadcast) against every row run in full (`share_prefix=False`): hidden states,
+    log-probs and every LoRA gradient
+    in float64 (to 1e-6 relative: rotary tables are built in float32 from differently shaped
+    position tensors), unequal prompt and completion lengths; and the teacher side without grad."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    import sd_lib.alignment as alignment
+
+    torch.manual_seed(0)
+    if arch == "qwen3":
+        base = Qwen3ForCausalLM(Qwen3Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            vocab_size=128, pad_token_id=PAD))
+    else:
+        base = tiny_llama()
+    model = get_peft_model(base.double(), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                     target_modules=["q_proj", "v_proj", "up_proj"]))
+    batch = pack_batch(SHARED_PROMPTS, SHARED_COMPLETIONS, pad_token_id=PAD)
+    assert batch.shared_prefix == 4
+
+    def run(share):
+        model.zero_grad()
+        hidden = completion_hidden(model, batch, share_prefix=share)
+        logps = completion_logps(model, batch, share_prefix=share)
+        ((hidden ** 2).sum() + logps.sum()).backward()
+        with teacher_mode(model, "base"):
+            teacher = completion_hidden(model, batch, share_prefix=share)
+        return (hidden.detach(), logps.detach(), teacher,
+                {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+
+    calls = []
+    shared_forward = alignment._prefix_shared_forward
+    alignment._prefix_shared_forward = lambda *a: (calls.append(1), shared_forward(*a))[1]
+    try:
+        want, want_logps, want_teacher, want_grads = run(False)
+        assert calls == []
+        got, got_logps, got_teacher, got_grads = run(True)
+        assert calls == [1, 1, 1]  # student hidden, student log-probs, teacher
+    finally:
+        alignment._prefix_shared_forward = shared_forward
+    torch.testing.assert_close(got, want, atol=1e-9, rtol=1e-6)
+    torch.testing.assert_close(got_logps, want_logps, atol=1e-9, rtol=1e-6)
+    torch.testing.assert_close(got_teacher, want_teacher, atol=1e-9, rtol=1e-6)
+    for name in want_grads:
+        scale = want_grads[name].abs().max()
+        torch.testing.assert_close(got_grads[name] / scale, want_grads[name] / scale, atol=1e-6, rtol=0, msg=name)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])

@@ -11,8 +11,8 @@ from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from sd_lib.sampling import (GQA_ATTENTION, Rollouts, _next_tokens, generate, gqa_attention, preallocated_cache,
-                             stop_token_ids)
+from sd_lib.sampling import (GQA_ATTENTION, Rollouts, _next_tokens, generate, gqa_attention, merged_lora,
+                             preallocated_cache, stop_token_ids)
 
 SPECIALS = ["<pad>", "<|im_start|>", "<|im_end|>"]
 EOS = 2
@@ -182,6 +182,44 @@ def test_gqa_attention_is_exact_and_restores_the_config(tok):
         with gqa_attention(model):
             raise RuntimeError("boom")
     assert model.config._attn_implementation == "sdpa"
+
+
+def _lora(model):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(1)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                            target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"]))
+
+
+def test_merged_lora_is_exact_and_leaves_the_weights_untouched(tok):
+    """Checks `merged_lora` against peft's unmerged forward (logits to 1e-10, float64, B != 0),
+    that every base weight is the same tensor with the same values afterwards (no merge-unmerge
+    rounding), adapters enabled and trainable again; greedy rollouts equal those of the unmerged
+    model decoded token by token with `model.generate`."""
+    model = _lora(_model(eos_bias=0.6, seed=3))
+    ids = torch.tensor([[4, 5, 6, 7]])
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    before = [(m.base_layer.weight, m.base_layer.weight.data.clone()) for m in layers]
+    want = model(input_ids=ids).logits
+    with torch.no_grad(), merged_lora(model) as merged:
+        assert merged and all(m.disable_adapters for m in layers)
+        got = model(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    with torch.no_grad(), model.disable_adapter():
+        assert (model(input_ids=ids).logits - want).abs().max() > 1e-3  # the adapter matters here
+    for m, (param, values) in zip(layers, before):
+        assert m.base_layer.weight is param and torch.equal(param, values) and not m.disable_adapters
+    assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
+    with model.disable_adapter(), merged_lora(model) as merged:  # nothing to merge: runs as it is
+        assert not merged
+    stops = stop_token_ids(tok, model)
+    for p in PROMPTS:
+        prompt = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=8,
+                             eos_token_id=stops, pad_token_id=0)[0, prompt.shape[1]:].tolist()
+        ref = out[:out.index(EOS) + 1] if EOS in out else out
+        assert generate(model, tok, [p], temperature=0.0, max_new_tokens=8, progress=False).completion_ids == [ref]
 
 
 def test_preallocated_cache_matches_dynamic_cache():
