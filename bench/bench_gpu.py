@@ -166,7 +166,9 @@ def main(argv=None) -> None:
                                                 pad_token_id=0, device=device)
         mask = student.completion_mask  # (b, T)
         if path == "chunked":
-            s_h, t_h, weight, _ = student_teacher_hidden(model, student, teacher, teacher_kind="base")
+            # every row in full, as in the naive path (random prompts share no prefix anyway)
+            s_h, t_h, weight, _ = student_teacher_hidden(model, student, teacher, teacher_kind="base",
+                                                         share_prefix=False)
             loss = chunked_sd_loss(s_h, t_h, weight, mask, divergence="forward_kl", chunk_size=args.chunk_size,
                                    reduction="sum") / norm
         else:

@@ -4,8 +4,9 @@ A step = rollouts -> reward/critic -> teacher prompts -> teacher forward -> stud
 forward/backward with the SD loss -> clip + AdamW update, run by each library's own trainer:
 
     sd_lib: `sd_lib.train.train(cfg, ...)` (condition `refsol`, the `cpu` profile's settings
-            below); step time = its logged `time/step_s` (rollout through update, no eval or
-            checkpoint); tokens = `completion/mean_length` x rollouts.
+            below, its defaults `share_prefix`, `fused_mlp`, `chunk_size=128`); step time = its
+            logged `time/step_s` (rollout through update, no eval or checkpoint); tokens =
+            `completion/mean_length` x rollouts.
     TRL:    `trl.experimental.sdpo.SDPOTrainer(...).train()` (TRL 1.15, CPU, no vLLM); step time
             = `on_step_begin` -> `on_step_end` (generation, reward, teacher context, forwards,
             backward, clip, AdamW); tokens = the completion mask of the step's rollouts
@@ -76,6 +77,10 @@ MISMATCHES = [
     "every row until the longest finishes (this is part of what is compared, not removable)",
     "loss path: sd_lib's chunked_sd_loss from hidden states; TRL builds (B, T, V) student and teacher logits "
     "(compared, not removable)",
+    "forward passes: sd_lib runs the prompt prefix all rows of a micro-batch share once (share_prefix: the solver's "
+    "73-token system prompt of ~90 student / ~160 teacher prompt tokens), each MLP as one autograd node "
+    "(fused_mlp) and samples with LoRA merged into temporary weights; TRL runs every row in full through peft's "
+    "layers (compared, not removable; the prefix share shrinks as prompts and completions grow)",
     "problems per step: each trainer draws its own (TRL's RepeatSampler shuffle vs sd_lib's seeded stream) from "
     "the same pool, and sampling RNG streams differ, so completion lengths differ: compare tokens/s, not seconds",
     "per-step extras: sd_lib also logs per-token advantages (read off the loss's own log-softmax) and parses "

@@ -15,9 +15,11 @@ Naive equivalent: `down(act(gate(x)) * up(x))` with peft's `lora.Linear` layers,
 `F.linear(x, W) + s * F.linear(F.linear(x, A), B)` for each projection.
 
 Used by `train` for the student's forward (`SDConfig.fused_mlp`); the sampler and the
-self-teacher run without gradient and keep the module's own forward, bit for bit. A module,
-adapter state or input that this function does not cover (bias, DoRA, several active adapters,
-active LoRA dropout, mixed dtypes, `adapter_names=`) falls back to the module's own forward.
+self-teacher run without gradient and keep the module's own forward, bit for bit. Adapters in
+another dtype than the model (peft keeps them in fp32 on a bf16 model) run as peft runs them: the
+adapter branch in its own dtype, the sum cast back. A module, adapter state or input that this
+function does not cover (bias, DoRA, several active adapters, active LoRA dropout, a base weight
+in another dtype than its input, `adapter_names=`) falls back to the module's own forward.
 Written from the maths above; fused LoRA MLPs exist elsewhere (unsloth, Liger-Kernel).
 """
 
@@ -46,12 +48,16 @@ class Projection:
 
 
 def _forward(x: torch.Tensor, p: Projection) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """x (N, in) -> (y (N, out), x A^T (N, r) or None)."""
+    """x (N, in) -> (y (N, out) in x's dtype, x A^T (N, r) in the adapter's dtype, or None).
+
+    As peft: the adapter branch runs in the adapter's dtype (fp32 adapters on a bf16 model) and
+    the sum is cast back to the base output's dtype."""
     y = x @ p.weight.T  # (N, out)
     if p.lora_A is None:
         return y, None
-    xa = x @ p.lora_A.T  # (N, r)
-    return y.add_(xa @ p.lora_B.T, alpha=p.scaling), xa
+    xa = x.to(p.lora_A.dtype) @ p.lora_A.T  # (N, r)
+    lora = (xa @ p.lora_B.T).mul_(p.scaling)  # (N, out)
+    return (y.add_(lora) if lora.dtype == y.dtype else (y + lora).to(y.dtype)), xa
 
 
 def _backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor | None, p: Projection, *,
@@ -61,13 +67,14 @@ def _backward(dy: torch.Tensor, x: torch.Tensor, xa: torch.Tensor | None, p: Pro
     dw = dy.T @ x if p.weight.requires_grad else None  # (out, in)
     da = db = None
     if p.lora_A is not None:
-        dxa = (dy @ p.lora_B).mul_(p.scaling)  # (N, r)
+        dy_lora = dy.to(p.lora_B.dtype)
+        dxa = (dy_lora @ p.lora_B).mul_(p.scaling)  # (N, r)
         if p.lora_B.requires_grad:
-            db = (dy.T @ xa).mul_(p.scaling)  # (out, r)
+            db = (dy_lora.T @ xa).mul_(p.scaling)  # (out, r)
         if p.lora_A.requires_grad:
-            da = dxa.T @ x  # (r, in)
+            da = dxa.T @ x.to(p.lora_A.dtype)  # (r, in)
         if need_x:
-            dx.addmm_(dxa, p.lora_A)
+            dx.add_((dxa @ p.lora_A).to(dx.dtype))
     return dx, dw, da, db
 
 
@@ -90,13 +97,11 @@ class LoRASwiGLU(torch.autograd.Function):
     def backward(ctx, dy):
         x, g, u, xa_g, xa_u, pa_d = ctx.saved_tensors
         gate, up, down = ctx.projections
-        sig = torch.sigmoid(g)  # (N, I)
-        act = g * sig  # silu(g)
+        act = F.silu(g)  # (N, I): recomputed, bit for bit the forward's
         dp, dw_d, da_d, db_d = _backward(dy, act * u, pa_d, down, need_x=True)  # (N, I)
         du = dp * act
-        # d silu(g) / dg = sig * (1 + g * (1 - sig))
-        dg = dp.mul_(u).mul_(sig.mul_(g.mul(sig).neg_().add_(g).add_(1)))
-        del act, sig
+        dg = torch.ops.aten.silu_backward(dp.mul_(u), g)  # the kernel autograd runs for F.silu
+        del act
         need_x = ctx.needs_input_grad[0]
         dx, dw_g, da_g, db_g = _backward(dg, x, xa_g, gate, need_x=need_x)
         dx_u, dw_u, da_u, db_u = _backward(du, x, xa_u, up, need_x=need_x)
@@ -135,7 +140,7 @@ def _projection(layer: Any, dtype: torch.dtype) -> Projection | None:
     a, b, dropout = layer.lora_A[name], layer.lora_B[name], layer.lora_dropout[name]
     if dropout.training and not isinstance(dropout, torch.nn.Identity) and getattr(dropout, "p", 1.0) > 0:
         return None
-    if b.bias is not None or a.weight.dtype != dtype or b.weight.dtype != dtype:
+    if b.bias is not None or a.weight.dtype != b.weight.dtype or not a.weight.dtype.is_floating_point:
         return None
     return Projection(base.weight, a.weight, b.weight, float(layer.scaling[name]))
 

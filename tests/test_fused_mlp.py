@@ -99,6 +99,28 @@ def test_patched_model_matches_peft(arch):
     assert all("forward" not in m.__dict__ for m in swiglu_mlps(model))
 
 
+def test_bf16_model_with_fp32_adapters_matches_peft():
+    """Checks the mixed-precision case of the paper profile (bf16 model, peft's fp32 adapters):
+    the fused path is taken and its logits and LoRA gradients match peft's within bf16 rounding."""
+    model = _tiny_peft("llama", dtype=torch.bfloat16)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.float32}
+    ids = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    want_logits, want = _logits_and_grads(model, ids)
+    calls = []
+    original = LoRASwiGLU.apply
+    LoRASwiGLU.apply = lambda *a: (calls.append(1), original(*a))[1]
+    try:
+        with fused_swiglu(model):
+            got_logits, got = _logits_and_grads(model, ids)
+    finally:
+        LoRASwiGLU.apply = original
+    assert len(calls) == 2
+    torch.testing.assert_close(got_logits, want_logits, atol=2e-2, rtol=2e-2)
+    for name in want:
+        scale = want[name].abs().max()
+        torch.testing.assert_close(got[name] / scale, want[name] / scale, atol=3e-2, rtol=0, msg=name)
+
+
 def _saved_bytes(model, ids):
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
