@@ -82,9 +82,13 @@ def run_notebook(src: Path, *, parameters: dict, out_dir: Path, kernel: str = "p
     return out
 
 
+RUN_OUTPUTS = ("results", "figures", "README.md")  # tracked paths a reproduction writes
+
+
 def run_info(profile: str, seed: int, *, stamps_dir: Path | None = None) -> dict:
     """How a reproduction was made: profile, seed, commit, machine, torch, and per notebook the
-    wall time and finish time of its last successful run (from `build/stamps/<profile>-seed<seed>/`)."""
+    wall time and finish time of its last successful run (from `build/stamps/<profile>-seed<seed>/`).
+    `dirty`: tracked files other than the run's outputs (`RUN_OUTPUTS`) differ from the commit."""
     import torch
 
     stamps_dir = Path(stamps_dir) if stamps_dir is not None else BUILD / "stamps" / f"{profile}-seed{seed}"
@@ -95,8 +99,10 @@ def run_info(profile: str, seed: int, *, stamps_dir: Path | None = None) -> dict
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True, check=True).stdout.strip())
+        # inputs only: the run itself rewrites results/, figures/ and the README's generated sections
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                     *(f":(exclude){p}" for p in RUN_OUTPUTS)],
+                                    cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         commit, dirty = None, None
     return {

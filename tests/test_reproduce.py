@@ -84,6 +84,29 @@ def test_run_info_reads_the_stamps_and_renders_the_readme_section(tmp_path):
     assert "| total | 180 (3.0 min) |  |" in md
 
 
+def test_run_info_dirty_ignores_the_runs_own_outputs(tmp_path, monkeypatch):
+    """Checks `dirty` on a throwaway git repository: an edited result, figure or README (what a
+    run writes) leaves it False; an edited library file makes it True."""
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    for path in ("results/eval.json", "figures/a.png", "README.md", "sd_lib/x.py"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("v1")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    for path in ("results/eval.json", "figures/a.png", "README.md"):
+        (tmp_path / path).write_text("v2")
+    assert reproduce.run_info("cpu", 0, stamps_dir=tmp_path)["dirty"] is False
+    (tmp_path / "sd_lib/x.py").write_text("v2")
+    assert reproduce.run_info("cpu", 0, stamps_dir=tmp_path)["dirty"] is True
+
+
 def test_papermill_failure_names_notebook_and_cell(tmp_path, monkeypatch):
     """A real kernel: the second cell raises; the error names the notebook and that cell."""
     pytest.importorskip("papermill")
