@@ -108,7 +108,7 @@ class SDConfig:
     once (`alignment.completion_hidden`; memory/speed only, not the maths)."""
     fused_mlp: bool = True
     """Student forward: each SwiGLU MLP as one autograd node that keeps 2 of its 4 intermediate
-    tensors (`fused_mlp.LoRASwiGLU`; memory only, not the maths)."""
+    tensors (`fused_mlp.LoRASwiGLU`; memory only, not the maths). Inactive when unsloth is loaded."""
 
     # --- teacher ----------------------------------------------------------------------
     teacher_kind: str = "base"

@@ -26,6 +26,7 @@ Written from the maths above; fused LoRA MLPs exist elsewhere (unsloth, Liger-Ke
 from __future__ import annotations
 
 import contextlib
+import sys
 import types
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -174,10 +175,11 @@ def fused_swiglu(model: torch.nn.Module, *, enabled: bool = True) -> Iterator[in
     """Within the block, every SwiGLU MLP of `model` runs through `LoRASwiGLU` when gradients
     flow (`torch.is_grad_enabled()` and something in it requires grad); without gradient, or in a
     case it does not cover, the module's own forward. Yields the number of modules patched
-    (0 when `enabled` is False). Nests: an already patched module is left as it is."""
+    (0 when `enabled` is False, or when unsloth is loaded: its own LoRA MLP kernels stay in charge).
+    Nests: an already patched module is left as it is."""
     patched = []  # (module, its instance-level forward before, if it had one)
     try:
-        for module in swiglu_mlps(model) if enabled else []:
+        for module in swiglu_mlps(model) if enabled and "unsloth" not in sys.modules else []:
             if _ORIGINAL in module.__dict__:
                 continue
             patched.append((module, module.__dict__.get("forward")))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -242,7 +243,10 @@ def gqa_attention(model: Any) -> Iterator[None]:
 
 def _lora_layers(model: Any) -> list[Any] | None:
     """The peft LoRA layers `merged_lora` can merge, or None when any layer cannot be (several
-    active adapters, DoRA & co., a non-Linear base): then the model runs as it is."""
+    active adapters, DoRA & co., a non-Linear base, a forward that is not peft's own, or unsloth
+    loaded, whose kernels may read the adapter whatever its enabled flag): the model runs as it is."""
+    if "unsloth" in sys.modules:  # its fused kernels read the adapter weights directly: leave them alone
+        return None
     layers = [m for m in model.modules() if hasattr(m, "base_layer") and hasattr(m, "lora_A")
               and hasattr(m, "get_delta_weight")]
     if not layers or not hasattr(model, "disable_adapter"):
@@ -251,6 +255,8 @@ def _lora_layers(model: Any) -> list[Any] | None:
         active = [a for a in layer.active_adapters if a in layer.lora_A.keys()]
         if (layer.disable_adapters or layer.merged or len(active) != 1 or active[0] in getattr(layer, "lora_variant", {})
                 or type(layer.base_layer) is not torch.nn.Linear):
+            return None
+        if "forward" in vars(layer) or not getattr(type(layer).forward, "__module__", "").startswith("peft."):
             return None
     return layers
 

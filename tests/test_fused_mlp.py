@@ -179,10 +179,19 @@ def test_falls_back_where_it_does_not_apply(case):
 
 
 def test_nesting_and_disabled():
-    """Checks that `enabled=False` patches nothing and a nested block leaves the outer patch."""
+    """Checks that `enabled=False` (or unsloth loaded) patches nothing and a nested block leaves
+    the outer patch."""
+    import sys
+
     model = _tiny_peft("llama")
     with fused_swiglu(model, enabled=False) as n:
         assert n == 0
+    sys.modules["unsloth"] = object()
+    try:
+        with fused_swiglu(model) as n:
+            assert n == 0
+    finally:
+        del sys.modules["unsloth"]
     with fused_swiglu(model) as outer:
         with fused_swiglu(model) as inner:
             assert (outer, inner) == (2, 0)

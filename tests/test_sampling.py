@@ -213,6 +213,17 @@ def test_merged_lora_is_exact_and_leaves_the_weights_untouched(tok):
     assert all(p.requires_grad for n, p in model.named_parameters() if "lora_" in n)
     with model.disable_adapter(), merged_lora(model) as merged:  # nothing to merge: runs as it is
         assert not merged
+    layers[0].forward = layers[0].forward  # a forward that is not peft's class method (as unsloth patches)
+    with merged_lora(model) as merged:
+        assert not merged
+    del layers[0].forward
+    import sys
+    sys.modules["unsloth"] = object()  # unsloth loaded: never merge
+    try:
+        with merged_lora(model) as merged:
+            assert not merged
+    finally:
+        del sys.modules["unsloth"]
     stops = stop_token_ids(tok, model)
     for p in PROMPTS:
         prompt = torch.tensor([tok(p, add_special_tokens=False)["input_ids"]])
