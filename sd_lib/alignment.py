@@ -29,6 +29,7 @@ __all__ = [
     "PackedBatch",
     "pack_batch",
     "pack_student_teacher",
+    "common_prefix_len",
     "selective_log_softmax",
     "completion_logps",
     "completion_hidden",
@@ -87,16 +88,17 @@ def pack_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Seq
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
         completion_ids=input_ids[:, width_p:].clone(),  # (B, T)
         completion_mask=attention_mask[:, width_p:].float(),  # (B, T)
-        prompt_width=width_p, shared_prefix=_common_prefix(prompt_ids))
+        prompt_width=width_p, shared_prefix=common_prefix_len(prompt_ids))
     if device is not None:
         for name in ("input_ids", "attention_mask", "position_ids", "completion_ids", "completion_mask"):
             setattr(packed, name, getattr(packed, name).to(device))
     return packed
 
 
-def _common_prefix(prompt_ids: Sequence[Sequence[int]]) -> int:
+def common_prefix_len(prompt_ids: Sequence[Sequence[int]]) -> int:
     """Length of the prefix every prompt shares, kept shorter than the shortest prompt (so that
-    every row's last prompt token, which predicts y_1, is its own)."""
+    every row's last prompt token, which predicts y_1, is its own). The sampler's prefill and
+    `completion_hidden` both run this prefix once."""
     first, limit = prompt_ids[0], min(len(p) for p in prompt_ids) - 1
     n = 0
     while n < limit and all(p[n] == first[n] for p in prompt_ids):

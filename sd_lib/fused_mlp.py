@@ -124,7 +124,7 @@ def lora_swiglu(x: torch.Tensor, gate: Projection, up: Projection, down: Project
 
 def _projection(layer: Any, dtype: torch.dtype) -> Projection | None:
     """The `Projection` a plain nn.Linear or a peft `lora.Linear` computes now; None if not covered."""
-    if isinstance(layer, torch.nn.Linear) and type(layer) is torch.nn.Linear:
+    if type(layer) is torch.nn.Linear:
         ok = layer.bias is None and layer.weight.dtype == dtype
         return Projection(layer.weight) if ok else None
     base = getattr(layer, "base_layer", None)

@@ -40,6 +40,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .alignment import common_prefix_len
+
 __all__ = ["Rollouts", "generate", "gqa_attention", "merged_lora", "preallocated_cache", "stop_token_ids"]
 
 # End-of-turn tokens of common chat templates; used when present in the vocabulary.
@@ -107,18 +109,6 @@ def _tokenize_prompts(tokenizer: Any, prompts: Sequence[str] | Sequence[Sequence
             raise ValueError(f"prompt {i} is empty")
         out.append(ids)
     return out
-
-
-def _common_prefix_len(seqs: list[list[int]]) -> int:
-    """Length of the longest prefix shared by all rows, leaving every row >= 1 own token."""
-    n = min(len(q) for q in seqs) - 1
-    first = seqs[0]
-    for q in seqs[1:]:
-        i = 0
-        while i < n and q[i] == first[i]:
-            i += 1
-        n = i
-    return max(n, 0)
 
 
 GQA_ATTENTION = "sd_lib_sdpa_gqa"
@@ -333,7 +323,7 @@ def _decode(model: Any, seqs: list[list[int]], *, temperature: float, top_p: flo
             max_new_tokens: int, stop_ids: set[int], pad_id: int,
             generator: torch.Generator | None, device: torch.device) -> list[list[int]]:
     B = len(seqs)
-    L = _common_prefix_len(seqs)
+    L = common_prefix_len(seqs)
     cache = preallocated_cache(model, max(len(q) for q in seqs) + max_new_tokens)
     if L > 0:
         model(input_ids=torch.tensor([seqs[0][:L]], device=device), past_key_values=cache,
